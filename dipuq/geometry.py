@@ -1,0 +1,238 @@
+"""Tomographic acquisition geometries (2D parallel / fan, 3D parallel / cone, vector).
+
+Coordinates (the dipuq convention, matching ASTRA's 3D convention):
+
+- A volume has shape ``(y, x)`` in 2D and ``(z, y, x)`` in 3D. Voxel ``(k, j, i)`` has its centre
+  at ``x = (i - (nx - 1)/2) * voxel_size``, ``y = (j - (ny - 1)/2) * voxel_size``,
+  ``z = (k - (nz - 1)/2) * voxel_size``: every axis increases with its index, the origin is
+  the volume centre. All lengths are in one physical unit (voxel units when ``voxel_size=1``).
+- Projections have shape ``(angles, cols)`` in 2D and ``(angles, rows, cols)`` in 3D.
+- Every geometry is described by ASTRA-style *vectors*, one row per angle:
+  2D ``(r_x, r_y, d_x, d_y, u_x, u_y)`` and 3D ``(r_x, r_y, r_z, d_x, d_y, d_z, u_x, u_y, u_z,
+  v_x, v_y, v_z)``. ``r`` is the ray direction (parallel) or source position (fan/cone), ``d`` the
+  detector centre, ``u`` the step between neighbouring detector columns and ``v`` between rows.
+  Detector pixel ``(row, col)`` is centred at ``d + (col - (cols-1)/2) u + (row - (rows-1)/2) v``.
+- The standard circular geometries follow ASTRA's formulas: at angle θ the parallel ray
+  direction is ``(sin θ, -cos θ, 0)``, the source sits at ``SO (sin θ, -cos θ, 0)``, the detector
+  centre at ``OD (-sin θ, cos θ, 0)`` and ``u = det_spacing (cos θ, sin θ, 0)``, ``v = (0, 0,
+  det_row_spacing)``. The rotation axis is z. A centre-of-rotation offset ``cor_offset`` (in
+  detector pixels) shifts the detector by ``cor_offset * u``: the rotation axis projects onto
+  column ``(cols - 1)/2 + cor_offset``.
+
+Angles are radians everywhere inside dipuq; pass ``units="deg"`` at the edges.
+
+Example::
+
+    >>> g = Geometry.parallel2d(angles=np.linspace(0, np.pi, 60, endpoint=False),
+    ...                         vol_shape=(128, 128), det_count=183)
+    >>> g.proj_shape
+    (60, 183)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Geometry", "BEAMS", "to_radians"]
+
+BEAMS = ("parallel", "fan", "cone")
+
+
+def to_radians(angles, units: str = "rad") -> np.ndarray:
+    """Angles as a float64 radians array; ``units`` is ``"rad"`` or ``"deg"``."""
+    a = np.asarray(angles, dtype=np.float64).reshape(-1)
+    if units in ("deg", "degree", "degrees"):
+        return np.deg2rad(a)
+    if units not in ("rad", "radian", "radians"):
+        raise ValueError(f"unknown angle units {units!r}: use 'rad' or 'deg'")
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """A CT acquisition: beam type, angles, detector, volume grid.
+
+    Parameters
+    ----------
+    beam : "parallel" | "fan" | "cone"  ("parallel" covers 2D and 3D; "fan" is 2D, "cone" 3D)
+    angles : (n_angles,) radians
+    vol_shape : (y, x) or (z, y, x)
+    det_shape : (cols,) in 2D or (rows, cols) in 3D
+    voxel_size : edge length of a voxel
+    det_spacing : (col_spacing,) or (row_spacing, col_spacing)
+    source_origin, origin_detector : distances for fan / cone beams
+    cor_offset : centre-of-rotation offset in detector pixels (along u)
+    vectors : explicit per-angle vectors (see module docs); overrides the circular description
+    """
+
+    beam: str
+    angles: np.ndarray
+    vol_shape: tuple[int, ...]
+    det_shape: tuple[int, ...]
+    voxel_size: float = 1.0
+    det_spacing: tuple[float, ...] = (1.0,)
+    source_origin: float | None = None
+    origin_detector: float | None = None
+    cor_offset: float = 0.0
+    vectors: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.beam not in BEAMS:
+            raise ValueError(f"unknown geometry {self.beam!r}: expected one of {', '.join(BEAMS)}")
+        set_("angles", np.asarray(self.angles, dtype=np.float64).reshape(-1))
+        set_("vol_shape", tuple(int(n) for n in self.vol_shape))
+        set_("det_shape", tuple(int(n) for n in self.det_shape))
+        spacing = np.broadcast_to(np.asarray(self.det_spacing, dtype=np.float64).reshape(-1), (len(self.det_shape),))
+        set_("det_spacing", tuple(float(s) for s in spacing))
+        nd = len(self.vol_shape)
+        if nd not in (2, 3):
+            raise ValueError(f"vol_shape must have 2 or 3 entries, got {self.vol_shape}")
+        if len(self.det_shape) != nd - 1:
+            raise ValueError(f"a {nd}D volume needs a {nd - 1}D detector shape, got det_shape={self.det_shape}")
+        if min(self.vol_shape + self.det_shape) < 1:
+            raise ValueError(f"shapes must be positive: vol_shape={self.vol_shape}, det_shape={self.det_shape}")
+        if self.beam == "fan" and nd != 2:
+            raise ValueError("fan beam is 2D; use 'cone' for 3D")
+        if self.beam == "cone" and nd != 3:
+            raise ValueError("cone beam is 3D; use 'fan' for 2D")
+        if len(self.angles) == 0 and self.vectors is None:
+            raise ValueError("geometry needs at least one angle")
+        if not np.all(np.isfinite(self.angles)):
+            raise ValueError("angles contain NaN or inf")
+        if not (self.voxel_size > 0 and math.isfinite(self.voxel_size)):
+            raise ValueError(f"voxel_size must be positive, got {self.voxel_size}")
+        if min(self.det_spacing) <= 0:
+            raise ValueError(f"det_spacing must be positive, got {self.det_spacing}")
+        if self.beam in ("fan", "cone") and self.vectors is None:
+            if self.source_origin is None or self.origin_detector is None:
+                raise ValueError(f"{self.beam} beam needs source_origin and origin_detector")
+            if self.source_origin <= 0 or self.origin_detector < 0:
+                raise ValueError("source_origin must be > 0 and origin_detector >= 0")
+            if self.source_origin <= self.voxel_size * math.hypot(*self.vol_shape[-2:]) / 2:
+                raise ValueError("the source lies inside the volume: increase source_origin")
+        if self.vectors is not None:
+            v = np.asarray(self.vectors, dtype=np.float64)
+            want = 6 if nd == 2 else 12
+            if v.ndim != 2 or v.shape[1] != want:
+                raise ValueError(f"vectors must have shape (n_angles, {want}) for a {nd}D geometry, got {v.shape}")
+            set_("vectors", v)
+            if len(self.angles) != len(v):
+                set_("angles", np.arange(len(v), dtype=np.float64))
+
+    # -- constructors -------------------------------------------------------------------
+    @classmethod
+    def parallel2d(cls, angles, vol_shape, det_count=None, *, units="rad", **kw) -> Geometry:
+        """2D parallel beam. ``det_count`` defaults to cover the volume's diagonal."""
+        vol_shape = tuple(vol_shape)
+        det_count = det_count or _default_det_count(vol_shape, kw)
+        return cls("parallel", to_radians(angles, units), vol_shape, (det_count,), **kw)
+
+    @classmethod
+    def fan2d(cls, angles, vol_shape, det_count, source_origin, origin_detector, *, units="rad", **kw):
+        return cls("fan", to_radians(angles, units), tuple(vol_shape), (det_count,),
+                   source_origin=source_origin, origin_detector=origin_detector, **kw)
+
+    @classmethod
+    def parallel3d(cls, angles, vol_shape, det_shape=None, *, units="rad", **kw) -> Geometry:
+        vol_shape = tuple(vol_shape)
+        det_shape = tuple(det_shape) if det_shape is not None else (vol_shape[0], _default_det_count(vol_shape, kw))
+        return cls("parallel", to_radians(angles, units), vol_shape, det_shape, **kw)
+
+    @classmethod
+    def cone3d(cls, angles, vol_shape, det_shape, source_origin, origin_detector, *, units="rad", **kw):
+        return cls("cone", to_radians(angles, units), tuple(vol_shape), tuple(det_shape),
+                   source_origin=source_origin, origin_detector=origin_detector, **kw)
+
+    @classmethod
+    def from_vectors(cls, beam, vectors, vol_shape, det_shape, voxel_size=1.0) -> Geometry:
+        """A vector geometry (ASTRA's ``*_vec`` family) in dipuq coordinates."""
+        v = np.asarray(vectors, dtype=np.float64)
+        return cls(beam, np.arange(len(v), dtype=np.float64), tuple(vol_shape), tuple(det_shape),
+                   voxel_size=voxel_size, vectors=v)
+
+    # -- derived ------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.vol_shape)
+
+    @property
+    def n_angles(self) -> int:
+        return len(self.vectors) if self.vectors is not None else len(self.angles)
+
+    @property
+    def proj_shape(self) -> tuple[int, ...]:
+        return (self.n_angles, *self.det_shape)
+
+    @property
+    def is_vector(self) -> bool:
+        return self.vectors is not None
+
+    def to_vectors(self) -> np.ndarray:
+        """Per-angle vectors (n_angles, 6) in 2D or (n_angles, 12) in 3D; see module docs."""
+        if self.vectors is not None:
+            return self.vectors.copy()
+        th = self.angles
+        s, c, z = np.sin(th), np.cos(th), np.zeros_like(th)
+        du = self.det_spacing[-1]
+        u = np.stack([c * du, s * du, z], 1)
+        if self.beam == "parallel":
+            r = np.stack([s, -c, z], 1)
+            d = np.zeros_like(r)
+        else:
+            r = self.source_origin * np.stack([s, -c, z], 1)
+            d = self.origin_detector * np.stack([-s, c, z], 1)
+        d = d + self.cor_offset * u
+        if self.ndim == 2:
+            return np.concatenate([r[:, :2], d[:, :2], u[:, :2]], 1)
+        v = np.stack([z, z, np.full_like(th, self.det_spacing[0])], 1)
+        return np.concatenate([r, d, u, v], 1)
+
+    def subset(self, index) -> Geometry:
+        """The same geometry restricted to some angles (index array, slice or boolean mask)."""
+        idx = np.arange(self.n_angles)[index]
+        vec = None if self.vectors is None else self.vectors[idx]
+        return dataclasses.replace(self, angles=self.angles[idx], vectors=vec)
+
+    def replace(self, **changes) -> Geometry:
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["angles"] = self.angles.tolist()
+        d["vol_shape"], d["det_shape"], d["det_spacing"] = list(self.vol_shape), list(self.det_shape), list(self.det_spacing)
+        d["vectors"] = None if self.vectors is None else self.vectors.tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        d = dict(d)
+        if d.get("vectors") is not None:
+            d["vectors"] = np.asarray(d["vectors"], dtype=np.float64)
+        return cls(**d)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Geometry):
+            return NotImplemented
+        a, b = self.to_dict(), other.to_dict()
+        return a == b
+
+    def __hash__(self):
+        return hash(repr(sorted((k, repr(v)) for k, v in self.to_dict().items())))
+
+    def describe(self) -> str:
+        kind = {"parallel": f"{self.ndim}D parallel", "fan": "2D fan", "cone": "3D cone"}[self.beam]
+        vec = " (vector)" if self.is_vector else ""
+        return (f"{kind}{vec} beam, {self.n_angles} angles, detector {self.det_shape}, "
+                f"volume {self.vol_shape} @ voxel {self.voxel_size:g}")
+
+
+def _default_det_count(vol_shape, kw) -> int:
+    spacing = np.asarray(kw.get("det_spacing", 1.0), dtype=np.float64).reshape(-1)[-1]
+    diag = math.hypot(*vol_shape[-2:]) * kw.get("voxel_size", 1.0) / spacing
+    return int(math.ceil(diag)) + 1

@@ -1,0 +1,3 @@
+from dipuq.operators.base import AdjointOperator, ComposedOperator, LinearOperator, MatrixOperator
+
+__all__ = ["LinearOperator", "MatrixOperator", "ComposedOperator", "AdjointOperator"]

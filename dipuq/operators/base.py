@@ -1,0 +1,210 @@
+"""Matrix-free linear operators on torch tensors.
+
+A :class:`LinearOperator` is a linear map ``A: R^domain_shape -> R^range_shape``. Subclasses
+implement only :meth:`_apply` and :meth:`_adjoint` on a batch ``(n, *shape)``; this base class
+derives everything else: broadcasting over leading batch dimensions, ``A.T``, composition
+``B @ A``, ``A.normal()`` (AᵀA), a dense oracle ``as_matrix()``, and the rules that make ``A(x)``
+work inside ``torch.autograd`` *and* ``torch.func`` (``jvp``, ``vjp``, ``vmap``): A is linear, so
+its JVP is ``A`` and its VJP is ``Aᵀ``.
+
+Shapes: ``A(x)`` takes ``x`` of shape ``(*batch, *domain_shape)`` and returns
+``(*batch, *range_shape)``; any number of leading dimensions (batch, channel, vmap) is allowed.
+
+Example::
+
+    >>> import torch
+    >>> from dipuq.operators import MatrixOperator
+    >>> A = MatrixOperator(torch.randn(5, 3))
+    >>> x = torch.randn(2, 3)
+    >>> A(x).shape, A.T(A(x)).shape
+    (torch.Size([2, 5]), torch.Size([2, 3]))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["LinearOperator", "MatrixOperator", "ComposedOperator", "AdjointOperator"]
+
+
+class _Apply(torch.autograd.Function):
+    """y = A x (or Aᵀ x) with backward Aᵀ (or A), forward-mode A and a batching rule."""
+
+    @staticmethod
+    def forward(x, op, adjoint):
+        return op._raw(x, adjoint)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, op, adjoint = inputs
+        ctx.op, ctx.adjoint = op, adjoint
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Differentiable itself (apply, not _raw), so double backward works.
+        return _Apply.apply(grad, ctx.op, not ctx.adjoint), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, _op, _adjoint):
+        return _Apply.apply(tangent, ctx.op, ctx.adjoint)
+
+    @staticmethod
+    def vmap(info, in_dims, x, op, adjoint):
+        # The operator already maps over any leading dims: move the vmapped dim to the front.
+        bdim = in_dims[0]
+        if bdim is None:
+            return _Apply.apply(x, op, adjoint), None
+        return _Apply.apply(x.movedim(bdim, 0), op, adjoint), 0
+
+
+class LinearOperator:
+    """A linear map between tensor spaces, used only through ``A(x)`` and ``A.T(y)``.
+
+    Subclasses set ``domain_shape``, ``range_shape``, ``dtype`` and ``device`` and implement
+    ``_apply(x)`` / ``_adjoint(y)`` for one batch dimension: ``(n, *domain_shape)`` ->
+    ``(n, *range_shape)`` and back.
+    """
+
+    domain_shape: tuple[int, ...]
+    range_shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+    # -- to implement -------------------------------------------------------------------
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- derived ------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Matrix shape (m, d) = (prod(range_shape), prod(domain_shape))."""
+        return math.prod(self.range_shape), math.prod(self.domain_shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A x for x of shape (*batch, *domain_shape)."""
+        return _Apply.apply(x, self, False)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """Aᵀ y for y of shape (*batch, *range_shape)."""
+        return _Apply.apply(y, self, True)
+
+    @property
+    def T(self) -> LinearOperator:
+        return AdjointOperator(self)
+
+    def __matmul__(self, other: LinearOperator) -> LinearOperator:
+        return ComposedOperator(self, other)
+
+    def normal(self) -> LinearOperator:
+        """The normal operator AᵀA."""
+        return self.T @ self
+
+    def as_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense (m, d) matrix of the operator, for tiny problems and tests."""
+        d = self.shape[1]
+        eye = torch.eye(d, dtype=self.dtype, device=self.device).reshape(d, *self.domain_shape)
+        cols = self._raw(eye, False).reshape(d, -1)
+        return cols.T.contiguous().to(dtype or self.dtype)
+
+    def _raw(self, x: torch.Tensor, adjoint: bool) -> torch.Tensor:
+        """Apply A or Aᵀ to x with arbitrary leading dims, no autograd bookkeeping."""
+        in_shape = self.range_shape if adjoint else self.domain_shape
+        out_shape = self.domain_shape if adjoint else self.range_shape
+        k = len(in_shape)
+        if tuple(x.shape[x.ndim - k:]) != tuple(in_shape) or x.ndim < k:
+            what = "Aᵀ" if adjoint else "A"
+            raise ValueError(
+                f"{type(self).__name__}: {what} expects trailing shape {tuple(in_shape)}, "
+                f"got a tensor of shape {tuple(x.shape)}"
+            )
+        lead = x.shape[: x.ndim - k]
+        xb = x.reshape(-1, *in_shape)
+        if xb.dtype != self.dtype:
+            raise TypeError(f"{type(self).__name__}: expects dtype {self.dtype}, got {x.dtype}")
+        out = self._adjoint(xb) if adjoint else self._apply(xb)
+        return out.reshape(*lead, *out_shape)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.domain_shape} -> {self.range_shape}, {self.dtype})"
+
+
+class AdjointOperator(LinearOperator):
+    """Aᵀ as an operator in its own right; ``A.T.T`` is ``A``."""
+
+    def __init__(self, op: LinearOperator):
+        self.op = op
+        self.domain_shape, self.range_shape = op.range_shape, op.domain_shape
+        self.dtype, self.device = op.dtype, op.device
+
+    def _apply(self, x):
+        return self.op._adjoint(x)
+
+    def _adjoint(self, y):
+        return self.op._apply(y)
+
+    @property
+    def T(self) -> LinearOperator:
+        return self.op
+
+
+class ComposedOperator(LinearOperator):
+    """The product ``outer @ inner`` (apply inner first)."""
+
+    def __init__(self, outer: LinearOperator, inner: LinearOperator):
+        if tuple(outer.domain_shape) != tuple(inner.range_shape):
+            raise ValueError(
+                f"cannot compose: {inner.range_shape} output does not match {outer.domain_shape} input"
+            )
+        self.outer, self.inner = outer, inner
+        self.domain_shape, self.range_shape = inner.domain_shape, outer.range_shape
+        self.dtype, self.device = inner.dtype, inner.device
+
+    def _apply(self, x):
+        return self.outer._raw(self.inner._raw(x, False), False)
+
+    def _adjoint(self, y):
+        return self.inner._raw(self.outer._raw(y, True), True)
+
+
+class MatrixOperator(LinearOperator):
+    """A dense or sparse matrix M (m × d) acting on flattened tensors: x -> M x.
+
+    Sparse matrices are stored as a CSR pair (M and Mᵀ) because CSR × dense is fast on CPU
+    in both directions only when each direction has its own row-major copy.
+    """
+
+    def __init__(self, matrix: torch.Tensor, domain_shape=None, range_shape=None, matrix_T=None):
+        m, d = matrix.shape
+        self.domain_shape = tuple(domain_shape) if domain_shape is not None else (d,)
+        self.range_shape = tuple(range_shape) if range_shape is not None else (m,)
+        if math.prod(self.domain_shape) != d or math.prod(self.range_shape) != m:
+            raise ValueError(f"matrix of shape {(m, d)} does not fit {self.domain_shape} -> {self.range_shape}")
+        self.dtype, self.device = matrix.dtype, matrix.device
+        self.sparse = matrix.layout != torch.strided
+        if self.sparse:
+            self.M = matrix.to_sparse_csr()
+            self.MT = (matrix_T if matrix_T is not None else matrix.t()).to_sparse_csr()
+        else:
+            self.M, self.MT = matrix, matrix.T
+
+    def _mul(self, M, x):
+        n = x.shape[0]
+        xf = x.reshape(n, -1)
+        if self.sparse:
+            return (M @ xf.T.contiguous()).T
+        return xf @ M.T
+
+    def _apply(self, x):
+        return self._mul(self.M, x)
+
+    def _adjoint(self, y):
+        return self._mul(self.MT, y)
+
+    def as_matrix(self, dtype=None):
+        M = self.M.to_dense() if self.sparse else self.M
+        return M.to(dtype or self.dtype)
