@@ -1,0 +1,5 @@
+import sys
+
+from dipuq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""``dipuq`` command line: a thin layer over the Python API.
+
+Each sub-command lives in :mod:`dipuq.commands` as a module with ``add_parser(subparsers)``
+(which registers it and sets ``func``). Errors a user can fix print one line and exit 2
+(no traceback unless ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dipuq import __version__
+from dipuq.errors import DipuqError
+
+COMMANDS = ("reconstruct", "show", "demo", "experiment", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dipuq",
+        description="CT reconstruction with error bars: a deep image prior fitted to the projections, "
+        "linearised, and sampled to give a per-voxel standard deviation.",
+    )
+    parser.add_argument("--version", action="version", version=f"dipuq {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"dipuq.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command still being built
+            if exc.name != f"dipuq.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("dipuq: interrupted (completed stages are kept; rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except (DipuqError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        if args.debug:
+            raise
+        print(f"dipuq: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc) or type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)) and exc.filename:
+        msg = f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return " ".join(msg.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
