@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dipuq.errors import DipuqError
+
 __all__ = ["Geometry", "BEAMS", "to_radians"]
 
 BEAMS = ("parallel", "fan", "cone")
@@ -48,7 +50,7 @@ def to_radians(angles, units: str = "rad") -> np.ndarray:
     if units in ("deg", "degree", "degrees"):
         return np.deg2rad(a)
     if units not in ("rad", "radian", "radians"):
-        raise ValueError(f"unknown angle units {units!r}: use 'rad' or 'deg'")
+        raise DipuqError(f"unknown angle units {units!r}: use 'rad' or 'deg'")
     return a
 
 
@@ -83,7 +85,7 @@ class Geometry:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         if self.beam not in BEAMS:
-            raise ValueError(f"unknown geometry {self.beam!r}: expected one of {', '.join(BEAMS)}")
+            raise DipuqError(f"unknown geometry {self.beam!r}: expected one of {', '.join(BEAMS)}")
         set_("angles", np.asarray(self.angles, dtype=np.float64).reshape(-1))
         set_("vol_shape", tuple(int(n) for n in self.vol_shape))
         set_("det_shape", tuple(int(n) for n in self.det_shape))
@@ -91,35 +93,35 @@ class Geometry:
         set_("det_spacing", tuple(float(s) for s in spacing))
         nd = len(self.vol_shape)
         if nd not in (2, 3):
-            raise ValueError(f"vol_shape must have 2 or 3 entries, got {self.vol_shape}")
+            raise DipuqError(f"vol_shape must have 2 or 3 entries, got {self.vol_shape}")
         if len(self.det_shape) != nd - 1:
-            raise ValueError(f"a {nd}D volume needs a {nd - 1}D detector shape, got det_shape={self.det_shape}")
+            raise DipuqError(f"a {nd}D volume needs a {nd - 1}D detector shape, got det_shape={self.det_shape}")
         if min(self.vol_shape + self.det_shape) < 1:
-            raise ValueError(f"shapes must be positive: vol_shape={self.vol_shape}, det_shape={self.det_shape}")
+            raise DipuqError(f"shapes must be positive: vol_shape={self.vol_shape}, det_shape={self.det_shape}")
         if self.beam == "fan" and nd != 2:
-            raise ValueError("fan beam is 2D; use 'cone' for 3D")
+            raise DipuqError("fan beam is 2D; use 'cone' for 3D")
         if self.beam == "cone" and nd != 3:
-            raise ValueError("cone beam is 3D; use 'fan' for 2D")
+            raise DipuqError("cone beam is 3D; use 'fan' for 2D")
         if len(self.angles) == 0 and self.vectors is None:
-            raise ValueError("geometry needs at least one angle")
+            raise DipuqError("geometry needs at least one angle")
         if not np.all(np.isfinite(self.angles)):
-            raise ValueError("angles contain NaN or inf")
+            raise DipuqError("angles contain NaN or inf")
         if not (self.voxel_size > 0 and math.isfinite(self.voxel_size)):
-            raise ValueError(f"voxel_size must be positive, got {self.voxel_size}")
+            raise DipuqError(f"voxel_size must be positive, got {self.voxel_size}")
         if min(self.det_spacing) <= 0:
-            raise ValueError(f"det_spacing must be positive, got {self.det_spacing}")
+            raise DipuqError(f"det_spacing must be positive, got {self.det_spacing}")
         if self.beam in ("fan", "cone") and self.vectors is None:
             if self.source_origin is None or self.origin_detector is None:
-                raise ValueError(f"{self.beam} beam needs source_origin and origin_detector")
+                raise DipuqError(f"{self.beam} beam needs source_origin and origin_detector")
             if self.source_origin <= 0 or self.origin_detector < 0:
-                raise ValueError("source_origin must be > 0 and origin_detector >= 0")
+                raise DipuqError("source_origin must be > 0 and origin_detector >= 0")
             if self.source_origin <= self.voxel_size * math.hypot(*self.vol_shape[-2:]) / 2:
-                raise ValueError("the source lies inside the volume: increase source_origin")
+                raise DipuqError("the source lies inside the volume: increase source_origin")
         if self.vectors is not None:
             v = np.asarray(self.vectors, dtype=np.float64)
             want = 6 if nd == 2 else 12
             if v.ndim != 2 or v.shape[1] != want:
-                raise ValueError(f"vectors must have shape (n_angles, {want}) for a {nd}D geometry, got {v.shape}")
+                raise DipuqError(f"vectors must have shape (n_angles, {want}) for a {nd}D geometry, got {v.shape}")
             set_("vectors", v)
             if len(self.angles) != len(v):
                 set_("angles", np.arange(len(v), dtype=np.float64))
