@@ -1,3 +1,22 @@
-from dipuq.operators.base import AdjointOperator, ComposedOperator, LinearOperator, MatrixOperator
+"""Linear operators and CT ray transforms on torch tensors (see :mod:`dipuq.operators.ray`)."""
 
-__all__ = ["LinearOperator", "MatrixOperator", "ComposedOperator", "AdjointOperator"]
+from dipuq.operators import recon
+from dipuq.operators.base import AdjointOperator, ComposedOperator, LinearOperator, MatrixOperator
+from dipuq.operators.ray import RayTransform, available_backends, cuda_available
+from dipuq.operators.recon import analytic, cgls, fbp, fdk, sirt
+
+__all__ = [
+    "LinearOperator",
+    "MatrixOperator",
+    "ComposedOperator",
+    "AdjointOperator",
+    "RayTransform",
+    "cuda_available",
+    "available_backends",
+    "recon",
+    "fbp",
+    "fdk",
+    "sirt",
+    "cgls",
+    "analytic",
+]

@@ -1,0 +1,86 @@
+"""``dipuq demo``: the whole job on a built-in 3D phantom with a known reference."""
+
+from __future__ import annotations
+
+import argparse
+
+from dipuq.commands.reconstruct import _summary, add_common, parse_seed
+
+DESCRIPTION = """\
+Run the whole pipeline on a built-in 3D Shepp-Logan phantom scanned in a sparse-view cone beam
+with Gaussian noise. The true volume is known, so the report shows the error, the z-score and
+the calibration of the error bars as well. The default run takes a few minutes on a laptop CPU;
+--quick is a smoke test (under a minute, too short for good error bars).
+"""
+
+EPILOG = """\
+examples:
+  dipuq demo                          # writes ./dipuq-demo/ (report.html inside)
+  dipuq demo --quick --out /tmp/q
+  dipuq demo --set sampler.n_samples=64 --force
+"""
+
+#: (volume edge, views, noise level as a fraction of the mean projection, config overrides)
+SETTINGS = {
+    "default": (32, 20, 0.02, {
+        "dip.iterations": 1500, "dip.lr": 2e-3, "dip.gamma": 1e-4, "dip.network.scales": 3,
+        "dip.network.channels": 16, "dip.network.skip_channels": 4,
+        "linearise.diag_probes": 32,
+        "posterior.em_rounds": 3, "posterior.em_samples": 8,
+        "sampler.n_samples": 48, "sampler.n_steps": 300, "sampler.chains_per_batch": 16,
+    }),
+    "quick": (16, 12, 0.02, {
+        "dip.iterations": 150, "dip.lr": 3e-3, "dip.gamma": 1e-4, "dip.network.scales": 2,
+        "dip.network.channels": 8, "dip.network.skip_channels": 2,
+        "linearise.diag_probes": 8,
+        "posterior.em_rounds": 1, "posterior.em_samples": 4,
+        "sampler.n_samples": 8, "sampler.n_steps": 60, "sampler.chains_per_batch": 8,
+        "output.report_slices": 16,
+    }),
+}
+
+
+def demo_scan(n: int = 32, views: int = 20, noise_level: float = 0.02, seed: int = 0):
+    """A simulated cone-beam scan of the 3D Shepp-Logan phantom (``n``³ voxels, ``views`` angles
+    over 360°, Gaussian noise of ``noise_level`` × mean projection) with the phantom as reference."""
+    import numpy as np
+    import torch
+
+    from dipuq.data.phantoms import shepp_logan, simulate_scan
+    from dipuq.geometry import Geometry
+
+    g = Geometry.cone3d(np.linspace(0, 2 * np.pi, views, endpoint=False), (n, n, n),
+                        det_shape=(int(1.25 * n), int(1.5 * n)), source_origin=4.0 * n, origin_detector=2.0 * n,
+                        det_spacing=1.5)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return simulate_scan(shepp_logan((n, n, n)), g, noise="gaussian", noise_level=noise_level, generator=gen,
+                         name=f"demo: 3D Shepp-Logan {n}³, cone beam, {views} views")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("demo", help="run everything on a built-in 3D phantom", description=DESCRIPTION,
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", "-o", default=None, metavar="RUN",
+                   help="run directory (default: ./dipuq-demo, or ./dipuq-demo-quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke-test run (under a minute on a CPU)")
+    add_common(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from dipuq.config import load_config
+    from dipuq.pipeline import run_pipeline
+
+    seed = parse_seed(args.seed)
+    n, views, noise, preset = SETTINGS["quick" if args.quick else "default"]
+    config = load_config(args.config).replace(preset)
+    if args.overrides:
+        config = config.replace(args.overrides)
+    out = args.out or ("dipuq-demo-quick" if args.quick else "dipuq-demo")
+    scan = demo_scan(n, views, noise)
+    result = run_pipeline(scan, config, out, seed=seed, device=args.device, backend=args.backend,
+                          progress=not args.quiet, force=args.force)
+    if not args.quiet:
+        _summary(result)
+    return 0

@@ -1,0 +1,517 @@
+"""Typed, validated run configuration: one dataclass section per pipeline stage.
+
+A :class:`Config` is a record of sections — ``data``, ``operator``, ``dip``, ``linearise``,
+``posterior``, ``sampler``, ``output`` — each a dataclass whose fields carry a type, a default, a
+valid range and a one-line help text. A stage receives its section whole
+(``run_dip(..., config.dip)``), never a dict of loose keyword arguments.
+
+Sources, later ones winning: the defaults, a TOML (``tomllib``) or YAML file, then
+``--set section.key=value`` overrides (the value is parsed to the field's type). Every source is
+checked: an unknown section or key, a wrong type or an out-of-range value raises
+:class:`~dipuq.errors.ConfigError` with one line naming the section and key (and a "did you mean"
+suggestion for misspellings). The resolved configuration is written to a run directory with
+:func:`save_config` and reads back to an equal object with :func:`load_config`.
+
+Example::
+
+    >>> cfg = load_config(None, ["dip.iterations=200", "sampler.n_samples=16"])
+    >>> cfg.dip.iterations, cfg.sampler.n_samples
+    (200, 16)
+    >>> load_config(None, ["dip.iteratons=5"])
+    Traceback (most recent call last):
+    ...
+    dipuq.errors.ConfigError: unknown key 'iteratons' in section [dip] (did you mean 'iterations'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dipuq.dip import DipConfig
+from dipuq.errors import ConfigError
+from dipuq.networks import NetworkConfig
+from dipuq.samplers import SamplerConfig
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "OperatorConfig",
+    "DipConfig",
+    "NetworkConfig",
+    "LineariseConfig",
+    "PosteriorConfig",
+    "SamplerConfig",
+    "SamplingConfig",
+    "OutputConfig",
+    "load_config",
+    "save_config",
+    "parse_override",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "config_digest",
+    "describe_config",
+]
+
+
+def option(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None) -> Any:
+    """A dataclass field with a help text and an optional numeric range (``ge <= v``, ``v < lt``...)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. Sentinels (0, "auto", []) stand for "not set" so every value has a TOML spelling.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Scan preprocessing before reconstruction: angle subsampling, detector crop, binning."""
+
+    angles: int = option(0, "keep this many evenly spaced projection angles (0 = all)", ge=0)
+    crop_cols: list[int] = option([], "detector column range [start, stop] to keep (parallel beam; [] = all)")
+    crop_rows: list[int] = option([], "3D: detector row range [start, stop] to keep ([] = all)")
+    vol_xy: int = option(0, "in-plane volume size after cropping (0 = the field of view of the kept columns)", ge=0)
+    bin: int = option(1, "bin detector and volume by this factor (1 = no binning)", ge=1)
+
+
+@dataclass
+class OperatorConfig:
+    """The ray transform A and the analytic starting reconstruction."""
+
+    backend: str = option("auto", "projector backend: auto, astra-cuda, astra-cpu, cpu-cone, ... (--backend overrides)")
+
+
+@dataclass
+class LineariseConfig:
+    """Linearisation x ≈ f(θ*) + J (θ − θ*) and the g-prior scales s_j = (diag(JᵀAᵀAJ)_j / m)^(-1/2)."""
+
+    params: Literal["conv", "all"] = option("conv", "weights to linearise: conv weights (biases and norms stay at θ*) or all")
+    batching: Literal["vmap", "loop"] = option("vmap", "push batches through J / Jᵀ with torch.func.vmap (fast) or a loop (less memory)")
+    chunk_size: int = option(0, "largest batch per vmap call (0 = no limit)", ge=0)
+    diag_probes: int = option(64, "Gaussian probes for the Monte-Carlo diagonal of JᵀAᵀAJ (0 = exact, tiny problems only)", ge=0)
+
+
+@dataclass
+class PosteriorConfig:
+    """Posterior N(w̄, H⁻¹), H = σ⁻² J̃ᵀAᵀAJ̃ + g⁻¹ I, and the sample-based EM for the prior variance g."""
+
+    noise: Literal["auto", "scan", "residual"] = option("auto", "σ² from the scan's known noise_std ('scan'), the DIP residual ||A f − y||²/m ('residual'), or scan if known else residual ('auto')")
+    sigma2: float = option(0.0, "fixed noise variance σ² (> 0 overrides 'noise')", ge=0.0)
+    g_init: float = option(1.0, "initial prior variance g", gt=0.0)
+    prior_center: Literal["zero", "map"] = option("zero", "centre of the weight prior: θ = 0 (EM for g is informative) or θ*")
+    em_rounds: int = option(3, "sample-based EM rounds updating g (0 = keep g_init)", ge=0)
+    em_samples: int = option(8, "posterior samples per EM round", ge=1)
+    em_rtol: float = option(0.0, "stop EM early when |Δg|/g falls below this (0 = run all rounds)", ge=0.0)
+
+
+@dataclass
+class SamplingConfig(SamplerConfig):
+    """Posterior sampling: which sampler, how many samples, and the sampler's options.
+
+    The options inherited from :class:`dipuq.samplers.SamplerConfig` (``n_steps``, ``lr``,
+    ``momentum``, ``chains_per_batch``, ``cg_tol``...) go to the sampler; this section is passed
+    to it whole.
+    """
+
+    method: Literal["sgd", "cg", "exact"] = option("sgd", "sgd (scalable sample-then-optimise), cg (dual conjugate gradients) or exact (dense, tiny problems)")
+    n_samples: int = option(32, "number of posterior samples for the std map", ge=1)
+
+
+@dataclass
+class OutputConfig:
+    """Files written at the end of a run."""
+
+    figures: bool = option(True, "write PNG figures to figures/")
+    report: bool = option(True, "write the self-contained report.html")
+    tiff: bool = option(True, "write recon.tif and std.tif (float32, ImageJ)")
+    report_slices: int = option(24, "slices per axis pre-rendered in report.html", ge=1, le=128)
+    zscore_limit: float = option(3.0, "colour range +-limit of the z-score maps", gt=0.0)
+    dpi: int = option(110, "resolution of the PNG figures", ge=30, le=600)
+
+
+@dataclass
+class Config:
+    """A full run configuration: one section per stage (see each section's fields)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    operator: OperatorConfig = field(default_factory=OperatorConfig)
+    dip: DipConfig = field(default_factory=lambda: DipConfig(checkpoint_every=100))
+    linearise: LineariseConfig = field(default_factory=LineariseConfig)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
+    sampler: SamplingConfig = field(default_factory=SamplingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def replace(self, overrides: list[str] | tuple[str, ...] | dict[str, Any]) -> Config:
+        """A copy with ``section.key=value`` overrides (strings or a ``{"section.key": value}`` dict)."""
+        return apply_overrides(self, overrides)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> Config:
+        return config_from_dict(d, source=source)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _sections(cfg_cls=Config) -> dict[str, type]:
+    hints = typing.get_type_hints(cfg_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cfg_cls)}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(options)})"
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "none"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, hint, where: str, text: bool):
+    """``value`` checked (and, when it came from command-line text, parsed) against ``hint``."""
+    origin = typing.get_origin(hint)
+    bad = ConfigError(f"{where} must be {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+                              + (_suggest(value, [str(c) for c in choices]) if isinstance(value, str) else ""))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (text and isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where, text)
+            except ConfigError:
+                pass
+        raise bad
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        if text and isinstance(value, str):
+            s = value.strip().strip("[]()")
+            value = [v.strip() for v in s.split(",") if v.strip()] if s else []
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        out = [_coerce(v, item, f"{where}[{i}]", text) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if hint is bool:
+        if text and isinstance(value, (str, int)) and str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if text and isinstance(value, str):
+            try:
+                value = int(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+        if isinstance(value, float) and value.is_integer() and not text:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if text and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if hint is Any:
+        return value
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise bad
+    return value
+
+
+def _check_range(value, f: dataclasses.Field, where: str) -> None:
+    m = f.metadata
+    checks = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
+    for key, ok, sym in checks:
+        bound = m.get(key)
+        if bound is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value, bound):
+            raise ConfigError(f"{where} must be {sym} {bound:g}, got {value!r}")
+
+
+def _is_section(hint) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str, *, text: bool = False, base=None):
+    """Section ``cls`` from ``values`` (on top of ``base`` or the defaults), every key checked.
+
+    A field whose type is itself a dataclass is a sub-section (``[dip.network]`` in TOML,
+    ``dip.network.channels=16`` on the command line) and is built recursively.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"section [{section}] must be a table of key = value pairs, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown key {key!r} in section [{section}]" + _suggest(str(key), fields))
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{section}.{name}"
+        old = getattr(base, name) if base is not None else None
+        if _is_section(hints[name]):
+            if name in values or old is not None:
+                kwargs[name] = _build_section(hints[name], values.get(name, {}), where, text=text, base=old)
+        elif name in values:
+            v = _coerce(values[name], hints[name], where, text)
+            _check_range(v, f, where)
+            kwargs[name] = v
+        elif base is not None:
+            kwargs[name] = list(old) if isinstance(old, list) else old
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None
+    except (TypeError, ValueError) as exc:  # a section's own __post_init__ checks
+        raise ConfigError(f"section [{section}]: {' '.join(str(exc).split())}") from None
+
+
+def config_from_dict(d: dict[str, Any], *, source: str = "config", cfg_cls=Config) -> Config:
+    """A :class:`Config` from nested ``{section: {key: value}}`` (missing keys take defaults)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a table of sections, got {type(d).__name__}")
+    sections = _sections(cfg_cls)
+    for name in d:
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section [{name}]" + _suggest(str(name), sections))
+    defaults = cfg_cls()
+    return cfg_cls(**{name: _build_section(cls, d.get(name) or {}, name, base=getattr(defaults, name))
+                      for name, cls in sections.items()})
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    """Nested plain dict ``{section: {key: value}}`` (lists for tuples), JSON/TOML/YAML ready."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """``"section[.sub].key=value"`` → ``(["section", ..., "key"], value_text)``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. dip.iterations=500)")
+    lhs, value = text.split("=", 1)
+    parts = lhs.strip().split(".")
+    if len(parts) < 2 or not all(p.strip() for p in parts):
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. dip.iterations=500)")
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return [p.strip() for p in parts], value
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    """A copy of ``cfg`` with overrides applied: strings ``"section.key=value"`` (the value is
+    parsed to the key's type) or a ``{"section.key": value}`` dict of already-typed values."""
+    if isinstance(overrides, dict):
+        items = [(k.split("."), v, False) for k, v in overrides.items()]
+    else:
+        items = [(*parse_override(o), True) for o in overrides]
+    sections = _sections(type(cfg))
+    grouped: dict[str, dict[str, Any]] = {}
+    text_flags: dict[str, bool] = {}
+    for path, value, text in items:
+        section = path[0]
+        if section not in sections:
+            raise ConfigError(f"unknown section [{section}] in override {'.'.join(path)}" + _suggest(section, sections))
+        node = grouped.setdefault(section, {})
+        for part in path[1:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {'.'.join(path)} conflicts with another override")
+        node[path[-1]] = value
+        text_flags[section] = text_flags.get(section, False) or text
+    new = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for section, values in grouped.items():
+        new[section] = _build_section(sections[section], values, section, text=text_flags[section], base=new[section])
+    return type(cfg)(**new)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, not a file: {path}")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+        return d or {}
+    raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .yml")
+
+
+def load_config(path: str | Path | None = None, overrides=(), *, cfg_cls=Config) -> Config:
+    """Defaults ← TOML/YAML file ``path`` (if given) ← ``overrides`` (``"section.key=value"``)."""
+    d = _read_file(Path(path)) if path is not None else {}
+    cfg = config_from_dict(d, source=str(path) if path else "config", cfg_cls=cfg_cls)
+    return apply_overrides(cfg, list(overrides)) if overrides else cfg
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def _toml_table(obj, name: str, lines: list[str]) -> None:
+    lines += ["", f"[{name}]"]
+    subs = []
+    own = set(vars(type(obj)).get("__annotations__", {}))  # a subclass's own keys first
+    for sf in sorted(dataclasses.fields(obj), key=lambda f: f.name not in own):
+        v = getattr(obj, sf.name)
+        if dataclasses.is_dataclass(v):
+            subs.append((sf.name, v))
+            continue
+        if v is None:  # TOML has no null: leave the key out so that the default (None) applies
+            lines.append(f"# {sf.name} = (none)")
+            continue
+        help_ = sf.metadata.get("help", "")
+        lines.append(f"{sf.name} = {_toml_value(config_to_dict(v) if dataclasses.is_dataclass(v) else v)}"
+                     + (f"  # {help_}" if help_ else ""))
+    for sub, v in subs:
+        _toml_table(v, f"{name}.{sub}", lines)
+
+
+def dumps_config(cfg: Config, fmt: Literal["toml", "yaml"] = "toml") -> str:
+    """The resolved config as TOML (with each key's help as a comment) or YAML text."""
+    if fmt == "yaml":
+        import yaml
+
+        return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    lines = ["# dipuq resolved configuration (reuse with: dipuq reconstruct ... --config THIS_FILE)"]
+    for f in dataclasses.fields(cfg):
+        _toml_table(getattr(cfg, f.name), f.name, lines)
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` atomically as TOML or YAML (by suffix); :func:`load_config` reads it back."""
+    from dipuq.rundir import atomic_write_text
+
+    path = Path(path)
+    fmt = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml"
+    atomic_write_text(path, dumps_config(cfg, fmt))
+    return path
+
+
+def config_digest(obj) -> str:
+    """SHA-256 (16 hex chars) of a config, a section, or any JSON-able value."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe_config(cfg_cls=Config) -> str:
+    """All sections and keys with types, defaults and help (for ``--help`` epilogues and docs)."""
+    out = []
+
+    def walk(cls, name, indent):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        out.append(f"{indent}[{name}]  {doc[0] if doc else ''}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if _is_section(hints[f.name]):
+                walk(hints[f.name], f"{name}.{f.name}", indent + "  ")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f.metadata.get("help", "")
+            out.append(f"{indent}  {f.name} = {default!r}  ({_type_name(hints[f.name])})" + (f"  {help_}" if help_ else ""))
+
+    for name, cls in _sections(cfg_cls).items():
+        walk(cls, name, "")
+    return "\n".join(out)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def diff_configs(a: Config, b: Config) -> list[str]:
+    """Human-readable ``section.key: old -> new`` lines where ``a`` and ``b`` differ."""
+    fa, fb = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]

@@ -1,0 +1,27 @@
+"""Scans and data: the :class:`Scan` container, loaders, preprocessing, phantoms, dataset registry.
+
+A :class:`Scan` holds line-integral projections ``y`` and the geometry of ``A`` (``y ≈ A x``).
+Scans come from files (:func:`load_scan`: NPZ, TIFF stacks, HDF5 Data Exchange), from the
+registry of real measurements (:func:`open_dataset`, :func:`fetch`), or from simulation
+(:func:`simulate_scan` of :func:`shepp_logan` / :func:`random_ellipsoids`), and are reshaped by
+:func:`subsample_angles`, :func:`crop`, :func:`bin` and :meth:`Scan.slice`.
+
+Example::
+
+    >>> from dipuq.data import open_dataset, subsample_angles
+    >>> full = open_dataset("tooth")             # (181, 640) line integrals, CoR in the geometry
+    >>> sparse = subsample_angles(full, 30)      # 30 evenly spaced angles
+"""
+
+from dipuq.data.loaders import load_hdf5, load_npz, load_scan, load_tiff_stack, read_angles
+from dipuq.data.phantoms import ellipsoids, random_ellipsoids, shepp_logan, simulate_scan
+from dipuq.data.preprocess import bin, crop, estimate_cor, line_integrals, subsample_angles
+from dipuq.data.registry import DATASETS, Dataset, fetch, open_dataset
+from dipuq.data.scan import Scan
+
+__all__ = [
+    "Scan", "load_scan", "load_npz", "load_tiff_stack", "load_hdf5", "read_angles",
+    "line_integrals", "estimate_cor", "subsample_angles", "crop", "bin",
+    "shepp_logan", "random_ellipsoids", "ellipsoids", "simulate_scan",
+    "DATASETS", "Dataset", "fetch", "open_dataset",
+]

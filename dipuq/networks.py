@@ -1,0 +1,325 @@
+"""U-Net generators f(θ; z) for the deep image prior, in 2D and 3D.
+
+The network is a map ``f(θ; z): R^(in_ch × *spatial) -> R^(out_ch × *spatial)`` with weights θ
+and a fixed input ``z`` (the FBP/FDK reconstruction or fixed noise). It is written so that
+``torch.func.functional_call``, ``jvp``, ``vjp`` and ``vmap`` work through it: normalisation is
+GroupNorm (no running statistics; BatchNorm breaks ``torch.func``), and dropout (for the MC-dropout
+baseline) is switched on and off *explicitly* with :meth:`UNet.set_dropout`, independently of
+``train()`` / ``eval()``, and draws its masks from a ``torch.Generator`` that is passed in.
+
+Shapes: inputs and outputs are ``(batch, channel, [z,] y, x)``. Spatial sizes need not be
+divisible by ``2^(scales-1)``: the input is padded (replicate) up to the next multiple inside
+:meth:`UNet.forward` and the output cropped back.
+
+Architecture (``scales = L`` levels, level 0 = full resolution)::
+
+    enc_0 = block(z)                     channels[0]
+    enc_i = block(stride-2 conv(enc_{i-1}))   channels[i],  i = 1..L-1
+    skip_i = 1x1 conv(enc_i)             skip_channels[i], i = 0..L-2 (0 = no skip)
+    dec_{L-1} = enc_{L-1}
+    dec_i = block(cat(upsample(dec_{i+1}), skip_i))   channels[i]
+    f = 1x1 conv(dec_0)  [-> sigmoid]
+
+where ``block`` is two 3×3(×3) convolutions, each followed by GroupNorm and LeakyReLU(0.2), then
+optional channel dropout.
+
+Example::
+
+    >>> net = UNet(ndim=2, scales=3, channels=8, skip_channels=2)
+    >>> net(torch.zeros(1, 1, 30, 30)).shape
+    torch.Size([1, 1, 30, 30])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dipuq.errors import ConfigError
+
+__all__ = ["NetworkConfig", "UNet", "ChannelDropout", "conv_weight_names", "count_parameters"]
+
+_NEG_SLOPE = 0.2
+
+
+@dataclass
+class NetworkConfig:
+    """Configuration of a :class:`UNet` (everything except ``ndim`` and channel counts in/out).
+
+    Parameters
+    ----------
+    scales : number of resolution levels (1 = no down-sampling)
+    channels : feature channels per level, an int (same at every level) or ``scales`` ints
+    skip_channels : skip-connection channels per level ``0..scales-2``, an int or ``scales - 1``
+        ints; 0 disables that skip
+    groupnorm : number of GroupNorm groups (reduced to a divisor of each layer's channels);
+        0 disables normalisation
+    dropout : channel-dropout probability after each block (0 = no dropout layers; > 0 for
+        MC dropout)
+    sigmoid : squash the output through a sigmoid (default: linear output)
+    """
+
+    scales: int = 4
+    channels: int | tuple[int, ...] = 32
+    skip_channels: int | tuple[int, ...] = 4
+    groupnorm: int = 4
+    dropout: float = 0.0
+    sigmoid: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.channels, Sequence):
+            self.channels = tuple(int(c) for c in self.channels)
+        if isinstance(self.skip_channels, Sequence):
+            self.skip_channels = tuple(int(c) for c in self.skip_channels)
+        if isinstance(self.groupnorm, bool):
+            self.groupnorm = 4 if self.groupnorm else 0
+        if not isinstance(self.scales, int) or self.scales < 1:
+            raise ConfigError(f"network.scales must be a positive integer, got {self.scales!r}")
+        _per_level(self.channels, self.scales, "channels", minimum=1)
+        _per_level(self.skip_channels, self.scales - 1, "skip_channels", minimum=0)
+        if self.groupnorm < 0:
+            raise ConfigError(f"network.groupnorm must be >= 0 groups, got {self.groupnorm}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"network.dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in ("channels", "skip_channels"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NetworkConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown network config keys {unknown}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+def _per_level(value, n: int, what: str, minimum: int) -> tuple[int, ...]:
+    vals = (int(value),) * n if isinstance(value, int) else tuple(value)
+    if len(vals) != n:
+        raise ConfigError(f"network.{what} needs {n} entries (one per level), got {len(vals)}")
+    if any(v < minimum for v in vals):
+        raise ConfigError(f"network.{what} entries must be >= {minimum}, got {list(vals)}")
+    return vals
+
+
+def _groups(ch: int, want: int) -> int:
+    """Largest divisor of ``ch`` that is <= ``want``."""
+    return max(g for g in range(1, min(ch, want) + 1) if ch % g == 0)
+
+
+class ChannelDropout(nn.Module):
+    """Channel dropout x -> x ⊙ b / (1 - p), b ~ Bernoulli(1 - p) per (sample, channel).
+
+    Off unless switched on with ``active = True`` (see :meth:`UNet.set_dropout`); ``train()`` /
+    ``eval()`` do not touch it. Masks are drawn from ``self.generator`` (None = torch's default).
+    """
+
+    def __init__(self, p: float, ndim: int):
+        super().__init__()
+        self.p, self.ndim = float(p), ndim
+        self.active = False
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active or self.p == 0.0:
+            return x
+        shape = (*x.shape[:2], *(1,) * self.ndim)
+        keep = torch.empty(shape, dtype=x.dtype, device=x.device)
+        keep.bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, active={self.active}"
+
+
+class _Block(nn.Sequential):
+    """conv(stride) -> GN -> LeakyReLU -> conv -> GN -> LeakyReLU [-> dropout]."""
+
+    def __init__(self, ndim, c_in, c_out, groups, dropout, stride=1):
+        Conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(((c_in, c_out), (c_out, c_out))):
+            layers.append(Conv(a, b, 3, stride=stride if i == 0 else 1, padding=1))
+            if groups:
+                layers.append(nn.GroupNorm(_groups(b, groups), b))
+            layers.append(nn.LeakyReLU(_NEG_SLOPE))
+        if dropout > 0:
+            layers.append(ChannelDropout(dropout, ndim))
+        super().__init__(*layers)
+
+
+class _Skip(nn.Sequential):
+    def __init__(self, ndim, c_in, c_out, groups):
+        Conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        layers: list[nn.Module] = [Conv(c_in, c_out, 1)]
+        if groups:
+            layers.append(nn.GroupNorm(_groups(c_out, groups), c_out))
+        layers.append(nn.LeakyReLU(_NEG_SLOPE))
+        super().__init__(*layers)
+
+
+class UNet(nn.Module):
+    """Encoder–decoder U-Net f(θ; z) for 2D images or 3D volumes (see the module docstring).
+
+    Parameters
+    ----------
+    ndim : 2 (inputs ``(batch, ch, y, x)``) or 3 (``(batch, ch, z, y, x)``)
+    in_ch, out_ch : input / output channels
+    scales, channels, skip_channels, groupnorm, dropout, sigmoid : see :class:`NetworkConfig`
+    generator : draws the initial weights (Kaiming-uniform, PyTorch's default scheme); None uses
+        torch's default generator
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> net = UNet(ndim=3, scales=2, channels=4, skip_channels=1, generator=g)
+        >>> net(torch.zeros(2, 1, 5, 6, 7)).shape
+        torch.Size([2, 1, 5, 6, 7])
+    """
+
+    def __init__(
+        self,
+        ndim: int = 2,
+        in_ch: int = 1,
+        out_ch: int = 1,
+        scales: int = 4,
+        channels: int | Sequence[int] = 32,
+        skip_channels: int | Sequence[int] = 4,
+        groupnorm: int | bool = 4,
+        dropout: float = 0.0,
+        sigmoid: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ConfigError(f"UNet ndim must be 2 or 3, got {ndim!r}")
+        self.config = NetworkConfig(scales, channels, skip_channels, groupnorm, dropout, sigmoid)
+        cfg = self.config
+        self.ndim, self.in_ch, self.out_ch = ndim, int(in_ch), int(out_ch)
+        ch = _per_level(cfg.channels, cfg.scales, "channels", 1)
+        sk = _per_level(cfg.skip_channels, cfg.scales - 1, "skip_channels", 0)
+        self.scales, self.channels, self.skip_channels = cfg.scales, ch, sk
+        G, p = cfg.groupnorm, cfg.dropout
+
+        self.inc = _Block(ndim, self.in_ch, ch[0], G, p)
+        self.down = nn.ModuleList(_Block(ndim, ch[i - 1], ch[i], G, p, stride=2) for i in range(1, cfg.scales))
+        self.skip = nn.ModuleList(
+            _Skip(ndim, ch[i], sk[i], G) if sk[i] > 0 else nn.Identity() for i in range(cfg.scales - 1)
+        )
+        self.up = nn.ModuleList(_Block(ndim, ch[i + 1] + sk[i], ch[i], G, p) for i in range(cfg.scales - 1))
+        Conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.outc = Conv(ch[0], self.out_ch, 1)
+        self._mode = "bilinear" if ndim == 2 else "trilinear"
+        self.reset_parameters(generator)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: NetworkConfig, ndim: int, in_ch: int = 1, out_ch: int = 1,
+                    generator: torch.Generator | None = None) -> UNet:
+        """Build the network a :class:`NetworkConfig` describes."""
+        return cls(ndim, in_ch, out_ch, cfg.scales, cfg.channels, cfg.skip_channels, cfg.groupnorm,
+                   cfg.dropout, cfg.sigmoid, generator=generator)
+
+    def spec(self) -> dict:
+        """Everything needed to rebuild this network (``UNet.from_spec(net.spec())``)."""
+        return {"ndim": self.ndim, "in_ch": self.in_ch, "out_ch": self.out_ch, **self.config.to_dict()}
+
+    @classmethod
+    def from_spec(cls, spec: dict, generator: torch.Generator | None = None) -> UNet:
+        spec = dict(spec)
+        ndim, in_ch, out_ch = spec.pop("ndim"), spec.pop("in_ch", 1), spec.pop("out_ch", 1)
+        return cls.from_config(NetworkConfig.from_dict(spec), ndim, in_ch, out_ch, generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Re-draw all weights: convs Kaiming-uniform (a=√5, PyTorch's default), GroupNorm (1, 0)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+                fan_in = m.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- dropout control -----------------------------------------------------------------
+    @property
+    def has_dropout(self) -> bool:
+        return any(isinstance(m, ChannelDropout) for m in self.modules())
+
+    def set_dropout(self, active: bool, generator: torch.Generator | None = None) -> UNet:
+        """Switch every dropout layer on or off (independently of ``train()``/``eval()``)."""
+        for m in self.modules():
+            if isinstance(m, ChannelDropout):
+                m.active, m.generator = bool(active), generator
+        return self
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """f(θ; z) for z of shape (batch, in_ch, [z,] y, x) -> (batch, out_ch, [z,] y, x)."""
+        if z.ndim != self.ndim + 2 or z.shape[1] != self.in_ch:
+            raise ConfigError(
+                f"UNet(ndim={self.ndim}, in_ch={self.in_ch}) expects input (batch, {self.in_ch}, "
+                f"{'z, ' if self.ndim == 3 else ''}y, x), got shape {tuple(z.shape)}"
+            )
+        spatial = z.shape[2:]
+        mult = 2 ** (self.scales - 1)
+        extra = [(-s) % mult for s in spatial]
+        if any(extra):
+            pad = []
+            for e in reversed(extra):  # F.pad lists the last dim first
+                pad += [e // 2, e - e // 2]
+            z = F.pad(z, pad, mode="replicate")
+
+        h = self.inc(z)
+        skips = []
+        for i, down in enumerate(self.down):
+            skips.append(self.skip[i](h) if self.skip_channels[i] > 0 else None)
+            h = down(h)
+        for i in reversed(range(self.scales - 1)):
+            h = F.interpolate(h, scale_factor=2, mode=self._mode, align_corners=False)
+            if skips[i] is not None:
+                h = torch.cat([h, skips[i]], dim=1)
+            h = self.up[i](h)
+        out = self.outc(h)
+        if self.config.sigmoid:
+            out = torch.sigmoid(out)
+
+        if any(extra):
+            idx = [slice(None), slice(None)]
+            for e, s in zip(extra, spatial):
+                idx.append(slice(e // 2, e // 2 + s))
+            out = out[tuple(idx)]
+        return out
+
+
+def conv_weight_names(net: nn.Module) -> list[str]:
+    """Names (as in ``net.named_parameters()``) of the convolution weights only.
+
+    These are the parameters the linearised model perturbs (DESIGN §2: biases and normalisation
+    parameters stay at θ*).
+    """
+    names = []
+    for mod_name, m in net.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            names.append(f"{mod_name}.weight" if mod_name else "weight")
+    return names
+
+
+def count_parameters(net: nn.Module, names: Sequence[str] | None = None) -> int:
+    """Number of scalar parameters (all, or those in ``names``)."""
+    params = dict(net.named_parameters())
+    keys = params if names is None else names
+    return sum(params[k].numel() for k in keys)

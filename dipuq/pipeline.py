@@ -1,0 +1,736 @@
+"""The whole job as resumable stages: scan → FBP/FDK → DIP → linearise → EM → sampler → maps →
+metrics → figures → report.
+
+Each stage is a function ``stage(ctx, section)`` that receives its config section whole, reads
+earlier stages' outputs through the :class:`RunContext` (loaded lazily from their checkpoints
+when the run resumes), and writes its own checkpoint files under ``RUN/stages/NN_name/`` before
+its ``done.json`` marker. :func:`run_pipeline` is the driver: it checks that an existing run
+directory holds the same request (scan, config, seed), skips finished stages (saying so), times
+every stage into ``provenance.json`` and shows progress bars. The algorithms it calls are
+generators that never print; everything printed comes from here.
+
+Randomness: every stage draws from its own ``torch.Generator`` seeded by ``(seed, stage)``, so a
+resumed run gives the same numbers as an uninterrupted one.
+
+Example::
+
+    >>> from dipuq.config import load_config
+    >>> from dipuq.data.loaders import load_scan
+    >>> result = run_pipeline(load_scan("scan.npz"), load_config(None, ["dip.iterations=500"]),
+    ...                       "runs/scan", seed=0)
+    >>> result.std.shape == result.recon.shape
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dipuq import __version__
+from dipuq.config import Config, config_digest, config_to_dict, diff_configs, dumps_config, load_config
+from dipuq.data.scan import Scan
+from dipuq.errors import ConfigError, DipuqError, GPUUnavailableError
+from dipuq.rundir import (
+    RunDir,
+    atomic_path,
+    atomic_save_npy,
+    atomic_save_tiff,
+    atomic_write_json,
+    atomic_write_text,
+    to_jsonable,
+)
+
+__all__ = ["STAGES", "RunContext", "RunResult", "run_pipeline", "prepare_scan", "resolve_device", "stage_generator"]
+
+#: Stage names in pipeline order (folder ``stages/NN_name``).
+STAGES = ("scan", "fbp", "dip", "linearise", "posterior", "sampler", "maps", "metrics", "figures", "report")
+CONFIG_FILE = "config.toml"
+REQUEST_FILE = "request.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def stage_generator(seed: int, stage: str, device="cpu") -> torch.Generator:
+    """The generator of ``stage`` under run seed ``seed`` (a pure function of both)."""
+    state = np.random.SeedSequence([int(seed) % 2**63, STAGES.index(stage)]).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator(device=device)
+    gen.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return gen
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``"cpu"``, ``"cuda"`` (checked) or ``"auto"``/None (cuda when usable, else cpu)."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GPUUnavailableError(f"--device {device} requested but torch sees no CUDA device; use --device cpu")
+        return torch.device(device)
+    raise ConfigError(f"unknown device {device!r}: use cpu, cuda or auto")
+
+
+def scan_digest(scan: Scan) -> str:
+    """SHA-256 (16 hex) of a scan's projections, geometry and reference: its identity for resume."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(scan.projections).tobytes())
+    h.update(json.dumps(scan.geometry.to_dict(), sort_keys=True, default=str).encode())
+    if scan.reference is not None:
+        h.update(np.ascontiguousarray(scan.reference).tobytes())
+    h.update(repr(scan.noise_std).encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_scan(scan: Scan, cfg) -> Scan:
+    """Apply the ``[data]`` section: angle subsampling, then detector crop, then binning."""
+    from dipuq.data import preprocess
+
+    if cfg.angles:
+        if cfg.angles > scan.geometry.n_angles:
+            raise ConfigError(f"data.angles = {cfg.angles} but the scan has only {scan.geometry.n_angles} angles")
+        scan = preprocess.subsample_angles(scan, cfg.angles)
+    for key in ("crop_cols", "crop_rows"):
+        if getattr(cfg, key) and len(getattr(cfg, key)) != 2:
+            raise ConfigError(f"data.{key} must be [start, stop], got {getattr(cfg, key)}")
+    if cfg.crop_cols or cfg.crop_rows or cfg.vol_xy:
+        scan = preprocess.crop(scan, cols=tuple(cfg.crop_cols) or None, rows=tuple(cfg.crop_rows) or None,
+                               vol_xy=cfg.vol_xy or None)
+    if cfg.bin > 1:
+        scan = preprocess.bin(scan, cfg.bin)
+    return scan
+
+
+def _versions() -> dict[str, str]:
+    out = {"dipuq": __version__, "python": platform.python_version()}
+    for dist in ("torch", "numpy", "scipy", "astra-toolbox", "tifffile", "matplotlib", "h5py"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _torch_save(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged checkpoint: say which, suggest --force
+        raise DipuqError(f"cannot read checkpoint {path} ({type(exc).__name__}); rerun with --force") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Context and result
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunContext:
+    """What the stages share: the run folder, request, device, and stage outputs (lazy).
+
+    ``ctx[name]`` returns an output (``"scan"``, ``"A"``, ``"y"``, ``"fbp"``, ``"dip"``, ``"net"``,
+    ``"model"``, ``"scale"``, ``"posterior"``, ``"em"``, ``"moments"``, ``"sampling"``, ``"maps"``,
+    ``"metrics"``), computing or loading it on first use.
+    """
+
+    run: RunDir
+    config: Config
+    seed: int
+    device: torch.device
+    progress: bool = True
+    input_scan: Scan | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    def __getitem__(self, name: str):
+        if name not in self.values:
+            self.values[name] = _LOADERS[name](self)
+        return self.values[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        self.values[name] = value
+
+    def gen(self, stage: str) -> torch.Generator:
+        return stage_generator(self.seed, stage)
+
+    def path(self, stage: str, name: str) -> Path:
+        return self.run.stage_path(stage, name)
+
+    def tqdm(self, **kw):
+        from tqdm.auto import tqdm
+
+        return tqdm(disable=not self.progress, dynamic_ncols=True, leave=False, file=sys.stderr, **kw)
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_pipeline` returns: the volumes, metrics and where everything is."""
+
+    run_dir: Path
+    recon: np.ndarray
+    std: np.ndarray
+    metrics: dict | None
+    timings: dict[str, float]
+    resumed_from: str | None
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders of finished stages' outputs
+# --------------------------------------------------------------------------------------------
+
+
+def _load_scan(ctx):
+    return Scan.load(ctx.path("scan", "scan.npz"))
+
+
+def _make_operator(ctx):
+    from dipuq.operators import RayTransform
+
+    return RayTransform(ctx["scan"].geometry, backend=ctx.config.operator.backend, device=ctx.device)
+
+
+def _load_y(ctx):
+    A = ctx["A"]
+    return torch.as_tensor(ctx["scan"].projections, dtype=A.dtype, device=A.device)
+
+
+def _load_fbp(ctx):
+    return torch.as_tensor(np.load(ctx.path("fbp", "fbp.npy")), device=ctx.device)
+
+
+def _load_dip(ctx):
+    from dipuq.dip import DipResult
+
+    return DipResult.load(ctx.path("dip", "dip.pt"))
+
+
+def _load_net(ctx):
+    return ctx["dip"].build_net(device=ctx.device)
+
+
+def _load_model(ctx):
+    from dipuq.linearise import LinearisedModel
+
+    cfg = ctx.config.linearise
+    dip = ctx["dip"]
+    return LinearisedModel(ctx["net"], dip.net_input.to(ctx.device), ctx["A"], params=cfg.params,
+                           batching=cfg.batching, chunk_size=cfg.chunk_size or None)
+
+
+def _load_scale(ctx):
+    return _torch_load(ctx.path("linearise", "scale.pt"))["scale"].to(ctx.device)
+
+
+def _load_posterior(ctx):
+    from dipuq.posterior import Posterior
+
+    return Posterior.load(ctx.path("posterior", "posterior.pt"), ctx["model"], ctx["A"])
+
+
+def _load_em(ctx):
+    return json.loads(ctx.path("posterior", "em.json").read_text())
+
+
+def _load_moments(ctx):
+    from dipuq.uncertainty import Moments
+
+    return Moments.from_state_dict(_torch_load(ctx.path("sampler", "moments.pt")))
+
+
+def _load_sampling(ctx):
+    return json.loads(ctx.path("sampler", "sampling.json").read_text())
+
+
+def _load_maps(ctx):
+    from dipuq.uncertainty import UncertaintyMaps
+
+    return UncertaintyMaps.load(ctx.path("maps", "maps.npz"))
+
+
+def _load_metrics(ctx):
+    p = ctx.run.path("metrics.json")
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+_LOADERS: dict[str, Callable[[RunContext], Any]] = {
+    "scan": _load_scan, "A": _make_operator, "y": _load_y, "fbp": _load_fbp, "dip": _load_dip, "net": _load_net,
+    "model": _load_model, "scale": _load_scale, "posterior": _load_posterior, "em": _load_em,
+    "moments": _load_moments, "sampling": _load_sampling, "maps": _load_maps, "metrics": _load_metrics,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Stages: each takes the context and its config section, writes its files, returns a summary
+# --------------------------------------------------------------------------------------------
+
+
+def stage_scan(ctx: RunContext, cfg) -> dict:
+    """Preprocess the input scan (``[data]``) and checkpoint it as NPZ."""
+    scan = prepare_scan(ctx.input_scan, cfg)
+    with atomic_path(ctx.path("scan", "scan.npz")) as tmp:
+        scan.save(tmp)
+    ctx["scan"] = scan
+    g = scan.geometry
+    return {"geometry": g.describe(), "projections": list(scan.projections.shape), "reference": scan.reference is not None}
+
+
+def stage_fbp(ctx: RunContext, cfg) -> dict:
+    """The analytic reconstruction (FBP for parallel/fan beams, FDK for cone beams)."""
+    from dipuq.operators import recon
+
+    A, y = ctx["A"], ctx["y"]
+    with torch.no_grad():
+        x = recon.analytic(A, y).reshape(A.domain_shape)
+    atomic_save_npy(ctx.path("fbp", "fbp.npy"), x.cpu().numpy())
+    ctx["fbp"] = x
+    return {"backend": A.backend, "method": "fdk" if A.geometry.beam == "cone" else "fbp"}
+
+
+def stage_dip(ctx: RunContext, cfg) -> dict:
+    """Fit the deep image prior (resumes a partly finished fit from its own checkpoint)."""
+    from dipuq.dip import run_dip
+    from dipuq.metrics import psnr
+    from dipuq.networks import UNet
+
+    A, y, scan = ctx["A"], ctx["y"], ctx["scan"]
+    gen = ctx.gen("dip")
+    net = UNet.from_config(cfg.network, ndim=len(A.domain_shape), generator=gen).to(device=ctx.device, dtype=A.dtype)
+    x_input = ctx["fbp"].reshape(1, 1, *A.domain_shape) if cfg.input == "fbp" else None
+    callbacks, psnr_trace = [], {"iteration": [], "psnr": []}
+    if scan.reference is not None:
+        ref = torch.as_tensor(scan.reference)
+        every = max(1, cfg.iterations // 150)
+
+        def track(state):
+            if state.iteration % every == 0 or state.stop_reason is not None:
+                psnr_trace["iteration"].append(state.iteration)
+                psnr_trace["psnr"].append(psnr(state.recon.cpu(), ref))
+
+        callbacks.append(track)
+    result = run_dip(net, A, y, cfg, x_input=x_input, generator=gen, checkpoint=ctx.path("dip", "fit.ckpt"),
+                     callbacks=callbacks, progress=ctx.progress)
+    atomic_write_json(ctx.path("dip", "psnr_trace.json"), psnr_trace)
+    result.save(ctx.path("dip", "dip.pt"))
+    ctx["dip"], ctx["net"] = result, net
+    return {"iterations": result.iterations, "best_iteration": result.best_iteration, "stop_reason": result.stop_reason,
+            "residual_sigma2": result.sigma2}
+
+
+def stage_linearise(ctx: RunContext, cfg) -> dict:
+    """Linearise the network at θ* and estimate the g-prior scales s."""
+    from dipuq.posterior import gprior_scale
+
+    model = ctx["model"]
+    scale = gprior_scale(model, ctx["A"], n_probes=cfg.diag_probes or None, generator=ctx.gen("linearise"))
+    _torch_save({"scale": scale.cpu(), "p": model.p}, ctx.path("linearise", "scale.pt"))
+    ctx["scale"] = scale
+    return {"p": model.p, "d": model.d}
+
+
+def _sigma2(ctx: RunContext, cfg) -> tuple[float, str]:
+    scan = ctx["scan"]
+    if cfg.sigma2 > 0:
+        return cfg.sigma2, "config"
+    if cfg.noise in ("auto", "scan") and scan.noise_std:
+        return float(scan.noise_std) ** 2, "scan"
+    if cfg.noise == "scan":
+        raise ConfigError("posterior.noise = 'scan' but the scan records no noise_std; use 'residual' or set posterior.sigma2")
+    return float(ctx["dip"].sigma2), "residual"
+
+
+def stage_posterior(ctx: RunContext, cfg) -> dict:
+    """Build the posterior (σ², g-prior) and fit g by sample-based EM."""
+    from dipuq.posterior import Posterior
+    from dipuq.samplers import iterate_em, make_sampler
+
+    sigma2, source = _sigma2(ctx, cfg)
+    post = Posterior(ctx["model"], ctx["A"], ctx["y"], sigma2=sigma2, g=cfg.g_init, scale=ctx["scale"],
+                     prior_center=cfg.prior_center)
+    em = {"sigma2": sigma2, "sigma2_source": source, "g_trace": [post.g], "gamma_trace": [], "u_norm2": []}
+    if cfg.em_rounds:
+        scfg = ctx.config.sampler
+        sampler = make_sampler(scfg.method, scfg)
+        seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("posterior")))
+        states = iterate_em(post, sampler, cfg.em_rounds, cfg.em_samples, seed=seed, rtol=cfg.em_rtol)
+        bar = ctx.tqdm(total=cfg.em_rounds, desc="EM for g", unit="round")
+        try:
+            while True:
+                try:
+                    st = next(states)
+                except StopIteration as stop:
+                    post = stop.value
+                    break
+                em["g_trace"].append(st.g_new)
+                em["gamma_trace"].append(st.gamma)
+                em["u_norm2"].append(st.u_norm2)
+                bar.update(1)
+                bar.set_postfix(g=f"{st.g_new:.3g}", gamma=f"{st.gamma:.3g}")
+        finally:
+            bar.close()
+    post.save(ctx.path("posterior", "posterior.pt"))
+    atomic_write_json(ctx.path("posterior", "em.json"), em)
+    ctx["posterior"], ctx["em"] = post, em
+    return {"g": post.g, "sigma2": sigma2, "sigma2_source": source}
+
+
+def stage_sampler(ctx: RunContext, cfg) -> dict:
+    """Draw ``n_samples`` posterior samples, streaming their moments; resumes batch by batch."""
+    from dipuq.samplers import make_sampler
+    from dipuq.uncertainty import Moments
+
+    post = ctx["posterior"]
+    sampler = make_sampler(cfg.method, cfg)
+    seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("sampler")))
+    partial = ctx.path("sampler", "partial.pt")
+    moments, history, done = Moments(post.model.image_shape, device=ctx.device), [], 0
+    if partial.exists():  # chains are a pure function of (seed, chain): continue where we stopped
+        st = _torch_load(partial)
+        if st.get("seed") == seed:
+            moments = Moments.from_state_dict(st["moments"])
+            moments.s1, moments.s2 = moments.s1.to(ctx.device), moments.s2.to(ctx.device)
+            if moments.s4 is not None:
+                moments.s4 = moments.s4.to(ctx.device)
+            history, done = st["history"], int(st["done"])
+    bar = ctx.tqdm(total=cfg.n_samples, initial=done, desc=f"sampling ({cfg.method})", unit="sample")
+    t0 = time.perf_counter()
+    try:
+        while done < cfg.n_samples:
+            chains = list(range(done, min(done + cfg.chains_per_batch, cfg.n_samples)))
+            res = sampler.sample(post, chains=chains, seed=seed, moments=moments)
+            history += [{k: to_jsonable(v) for k, v in h.items()} for h in res.history]
+            done = chains[-1] + 1
+            _torch_save({"seed": seed, "done": done, "moments": moments.state_dict(), "history": history}, partial)
+            bar.update(len(chains))
+    finally:
+        bar.close()
+    _torch_save(moments.state_dict(), ctx.path("sampler", "moments.pt"))
+    sampling = {"method": cfg.method, "n_samples": moments.n, "seed": seed, "history": history,
+                "seconds_this_session": time.perf_counter() - t0}
+    atomic_write_json(ctx.path("sampler", "sampling.json"), sampling)
+    partial.unlink(missing_ok=True)
+    ctx["moments"], ctx["sampling"] = moments, sampling
+    return {"n_samples": moments.n}
+
+
+def stage_maps(ctx: RunContext, cfg) -> dict:
+    """Predictive mean (the DIP reconstruction) and std maps; the top-level NPY/TIFF files."""
+    from dipuq.uncertainty import UncertaintyMaps
+
+    dip = ctx["dip"]
+    maps = UncertaintyMaps.from_moments(dip.recon, ctx["moments"], meta={"mean": "dip reconstruction f(theta*)"})
+    maps.save(ctx.path("maps", "maps.npz"))
+    recon, std = maps.mean.astype(np.float32), maps.std.astype(np.float32)
+    atomic_save_npy(ctx.run.path("recon.npy"), recon)
+    atomic_save_npy(ctx.run.path("std.npy"), std)
+    if cfg.tiff:
+        vs = ctx["scan"].geometry.voxel_size
+        atomic_save_tiff(ctx.run.path("recon.tif"), recon, voxel_size=vs)
+        atomic_save_tiff(ctx.run.path("std.tif"), std, voxel_size=vs)
+    ctx["maps"] = maps
+    return {"shape": list(recon.shape), "mean_std": float(std.mean())}
+
+
+def stage_metrics(ctx: RunContext, cfg) -> dict:
+    """Metrics against the reference (skipped when the scan has none)."""
+    from dipuq.metrics import psnr, ssim, uncertainty_metrics
+
+    scan, maps = ctx["scan"], ctx["maps"]
+    if scan.reference is None:
+        ctx.run.path("metrics.json").unlink(missing_ok=True)
+        ctx["metrics"] = None
+        return {"skipped": "the scan has no reference volume"}
+    ref = scan.reference
+    m = uncertainty_metrics(ref, maps.mean, maps.std)
+    fbp = ctx["fbp"].cpu().numpy()
+    m["fbp_psnr"] = psnr(fbp, ref)
+    if "ssim" in m:
+        m["fbp_ssim"] = ssim(fbp, ref)
+    m["rmse"] = float(np.sqrt(np.mean((maps.mean.astype(np.float64) - ref) ** 2)))
+    m["mean_std"] = float(maps.std.mean())
+    m["mean_abs_error"] = float(np.abs(maps.mean - ref).mean())
+    if maps.std_se is not None:
+        m["std_mc_rel_error"] = float(np.mean(maps.std_se / np.maximum(maps.std, 1e-30)))
+    m["n_samples"] = int(maps.n_samples)
+    atomic_write_json(ctx.run.path("metrics.json"), m)
+    ctx["metrics"] = m
+    return {k: m[k] for k in ("psnr", "coverage_90", "calibration_error") if k in m}
+
+
+def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
+    """name -> (caption, matplotlib figure) for every diagnostic that applies to this run."""
+    from dipuq import viz
+
+    scan, maps, dip = ctx["scan"], ctx["maps"], ctx["dip"]
+    ref = scan.reference
+    out = {}
+    quantities = viz.derived_maps(maps.mean, maps.std, ref)
+    out["slices"] = ("Orthogonal slices through the centre" if scan.ndim == 3 else "Reconstruction and error bars",
+                     viz.orthoslices(quantities, zscore_limit=cfg.zscore_limit, voxel_size=scan.geometry.voxel_size))
+    if ref is not None:
+        err = maps.mean - ref
+        nominal, empirical = viz.coverage_curve(err, maps.std)
+        out["calibration"] = ("Reliability diagram: coverage of x̂ ± qσ", viz.reliability_diagram(nominal, empirical))
+        rho = (ctx["metrics"] or {}).get("spearman_std_abs_error")
+        out["std_vs_error"] = ("Posterior std against |error|, per voxel", viz.std_error_hexbin(maps.std, np.abs(err), spearman=rho))
+    misfit = dip.history.get("misfit") or dip.history.get("loss")
+    if misfit:
+        trace_path = ctx.path("dip", "psnr_trace.json")
+        trace = json.loads(trace_path.read_text()) if trace_path.exists() else {}
+        noise = float(scan.noise_std) ** 2 if scan.noise_std else None
+        out["dip_loss"] = ("Deep image prior fit", viz.loss_curve(
+            np.arange(len(misfit)), misfit, best_iteration=dip.best_iteration, noise_level=noise,
+            psnr=(trace["iteration"], trace["psnr"]) if trace.get("psnr") else None))
+    sampling = ctx["sampling"]
+    curves = {}
+    for i, h in enumerate(sampling.get("history", [])[:4]):
+        gn = h.get("grad_norm") or []
+        if len(gn) > 1:
+            curves[f"chains {h['chains'][0]}–{h['chains'][-1]}"] = (np.arange(1, len(gn) + 1), gn)
+    if curves:
+        what = "relative residual" if sampling["method"] == "cg" else "gradient norm ||∇L(z)||"
+        out["sampler"] = (f"Sampler convergence ({sampling['method']})", viz.curves_figure(
+            curves, xlabel="solver step", ylabel=f"{what} (mean over chains)",
+            title=f"Posterior sampler ({sampling['method']}): convergence per batch of chains"))
+    em = ctx["em"]
+    if len(em.get("g_trace", [])) > 1:
+        out["em"] = ("EM for the prior variance g", viz.em_trace(em["g_trace"], gamma=em["gamma_trace"]))
+    return out
+
+
+def stage_figures(ctx: RunContext, cfg) -> dict:
+    """PNG figures in ``figures/`` (and kept in memory for the report)."""
+    from dipuq import viz
+
+    if not cfg.figures:
+        return {"skipped": "output.figures = false"}
+    written = []
+    for name, (caption, fig) in _figure_set(ctx, cfg).items():
+        viz.save_figure(fig, ctx.run.path("figures", f"{name}.png"), dpi=cfg.dpi)
+        written.append(f"figures/{name}.png")
+    return {"files": written}
+
+
+def stage_report(ctx: RunContext, cfg) -> dict:
+    """The self-contained ``report.html``."""
+    from dipuq import viz
+    from dipuq.report import write_report
+
+    if not cfg.report:
+        return {"skipped": "output.report = false"}
+    scan, maps = ctx["scan"], ctx["maps"]
+    figures = {}
+    for name, (caption, fig) in _figure_set(ctx, cfg).items():
+        if name != "slices":
+            figures[caption] = viz.figure_png(fig, dpi=90)
+    prov_path = ctx.run.path("provenance.json")
+    provenance = json.loads(prov_path.read_text()) if prov_path.exists() else {}
+    sub = f"{scan.name or 'scan'} · {scan.geometry.describe()} · {maps.n_samples} posterior samples"
+    write_report(ctx.run.path("report.html"), maps.mean, maps.std, reference=scan.reference, metrics=ctx["metrics"],
+                 figures=figures, config_text=dumps_config(ctx.config), provenance=provenance,
+                 title=f"dipuq: {scan.name or 'reconstruction'} with error bars", subtitle=sub,
+                 n_slices=cfg.report_slices, zscore_limit=cfg.zscore_limit)
+    return {"file": "report.html"}
+
+
+#: stage name -> (function, config section it receives)
+STAGE_FUNCS: dict[str, tuple[Callable[[RunContext, Any], dict], str]] = {
+    "scan": (stage_scan, "data"),
+    "fbp": (stage_fbp, "operator"),
+    "dip": (stage_dip, "dip"),
+    "linearise": (stage_linearise, "linearise"),
+    "posterior": (stage_posterior, "posterior"),
+    "sampler": (stage_sampler, "sampler"),
+    "maps": (stage_maps, "output"),
+    "metrics": (stage_metrics, "output"),
+    "figures": (stage_figures, "output"),
+    "report": (stage_report, "output"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def _request(scan: Scan, config: Config, seed: int) -> dict:
+    return {"scan": scan_digest(scan), "scan_name": scan.name, "seed": int(seed), "config": config_digest(config_to_dict(config))}
+
+
+def _check_same_request(run: RunDir, request: dict, config: Config) -> None:
+    """Raise a one-line ConfigError if ``run`` holds a different request."""
+    try:
+        old = json.loads(run.path("stages", REQUEST_FILE).read_text())
+    except (OSError, ValueError):
+        old = None
+    if old is None:
+        if run.finished_stages() or run.path(CONFIG_FILE).exists():
+            raise DipuqError(f"{run.root} holds a dipuq run without a readable request; rerun with --force to start over")
+        if run.root.is_dir() and any(run.root.iterdir()):
+            raise DipuqError(f"{run.root} is not empty and is not a dipuq run directory; choose another --out")
+        return
+    if old == request:
+        return
+    why = []
+    if old.get("scan") != request["scan"]:
+        why.append(f"a different scan ({old.get('scan_name') or old.get('scan')})")
+    if old.get("seed") != request["seed"]:
+        why.append(f"seed {old.get('seed')} (now {request['seed']})")
+    if old.get("config") != request["config"]:
+        try:
+            diff = diff_configs(load_config(run.path(CONFIG_FILE)), config)
+        except DipuqError:
+            diff = []
+        why.append("a different config" + (f" ({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''})" if diff else ""))
+    raise ConfigError(f"run directory {run.root} was made with {', '.join(why)}; rerun with --force to start over, "
+                      "or choose another --out")
+
+
+def _provenance(ctx: RunContext, backend: str | None, status: str, started: float, resumed: str | None) -> dict:
+    return {
+        "dipuq_version": __version__,
+        "status": status,
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seed": ctx.seed,
+        "device": str(ctx.device),
+        "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else platform.processor() or platform.machine(),
+        "backend": backend,
+        "threads": torch.get_num_threads(),
+        "resumed_from": resumed,
+        "git_commit": _git_commit(),
+        "versions": _versions(),
+        "platform": platform.platform(),
+        "scan": {"name": ctx.input_scan.name if ctx.input_scan is not None else None,
+                 "digest": scan_digest(ctx.input_scan) if ctx.input_scan is not None else None,
+                 "source": (ctx.input_scan.meta or {}).get("source") if ctx.input_scan is not None else None},
+        "timings_s": dict(ctx.timings),
+        "total_s": float(sum(ctx.timings.values())),
+    }
+
+
+def run_pipeline(
+    scan: Scan,
+    config: Config | None = None,
+    run_dir: str | os.PathLike = "run",
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    backend: str | None = None,
+    progress: bool = True,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run (or resume) the whole job on ``scan`` and write the run directory ``run_dir``.
+
+    Parameters
+    ----------
+    scan : the measured scan (:class:`dipuq.data.Scan`), before ``[data]`` preprocessing
+    config : the :class:`~dipuq.config.Config` (default: all defaults)
+    run_dir : output folder; if it holds a run of the same request, finished stages are reused
+    seed : run seed; each stage derives its own generator from it
+    device : "cpu", "cuda" or "auto"
+    backend : ray-transform backend; overrides ``config.operator.backend`` when given
+    progress : progress bars and stage lines on stderr
+    force : discard an existing run in ``run_dir`` first
+    log : where stage lines go (default: stderr when ``progress``, else nowhere)
+    """
+    config = config or Config()
+    if backend is not None:
+        config = config.replace({"operator.backend": backend})
+    if not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if log is None:
+        log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    run = RunDir(run_dir, STAGES)
+    if run.root.exists() and not run.root.is_dir():
+        raise DipuqError(f"--out {run.root} exists and is not a folder")
+    request = _request(scan, config, seed)
+    if force:
+        run.clear()
+    else:
+        _check_same_request(run, request, config)
+    run.create()
+    atomic_write_text(run.path(CONFIG_FILE), dumps_config(config))
+    atomic_write_json(run.path("stages", REQUEST_FILE), request)
+
+    ctx = RunContext(run, config, seed, dev, progress, input_scan=scan, log=log)
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    done = [s for s in STAGES if run.is_done(s, key)]
+    first_todo = next((s for s in STAGES if s not in done), None)
+    resumed = None
+    if done and first_todo is not None:
+        resumed = first_todo
+        log(f"dipuq: resuming {run.root}: {', '.join(s for s in STAGES[:STAGES.index(first_todo)])} already done; "
+            f"continuing from '{first_todo}'")
+    elif first_todo is None:
+        log(f"dipuq: {run.root} is complete (all stages done); nothing to do (use --force to recompute)")
+    for s in STAGES:
+        m = run.marker(s)
+        if m is not None and s in done:
+            ctx.timings[s] = float(m.get("seconds", 0.0))
+
+    started = time.time()
+    backend_used = None
+    todo = STAGES[STAGES.index(first_todo):] if first_todo is not None else ()
+    for s in todo:  # forget markers of everything we will (re)run; partial work of the same request stays
+        (run.stage_dir(s) / run.MARKER).unlink(missing_ok=True)
+    for i, name in enumerate(todo):
+        fn, section = STAGE_FUNCS[name]
+        log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {(fn.__doc__ or '').strip().splitlines()[0]}")
+        t0 = time.perf_counter()
+        summary = fn(ctx, getattr(config, section))
+        ctx.timings[name] = time.perf_counter() - t0
+        run.mark_done(name, key, seconds=ctx.timings[name], summary=to_jsonable(summary or {}))
+        if "A" in ctx.values:
+            backend_used = ctx.values["A"].backend
+        if name != "report":  # the report embeds provenance: keep it current before the report stage
+            atomic_write_json(run.path("provenance.json"), _provenance(ctx, backend_used or config.operator.backend,
+                                                                      "running", started, resumed))
+    if backend_used is None:
+        old = run.path("provenance.json")
+        backend_used = json.loads(old.read_text()).get("backend") if old.exists() else config.operator.backend
+    atomic_write_json(run.path("provenance.json"), _provenance(ctx, backend_used, "complete", started, resumed))
+    recon = np.load(run.path("recon.npy"))
+    std = np.load(run.path("std.npy"))
+    metrics = json.loads(run.path("metrics.json").read_text()) if run.path("metrics.json").exists() else None
+    if todo:
+        total = sum(ctx.timings.get(s, 0.0) for s in todo)
+        log(f"dipuq: done in {total:.1f} s -> {run.root}" + (f"/report.html" if config.output.report else ""))
+    return RunResult(run.root, recon, std, metrics, dict(ctx.timings), resumed)

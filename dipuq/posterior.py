@@ -1,0 +1,281 @@
+"""Gaussian posterior of the linearised DIP under the g-prior.
+
+Model (DESIGN.md §2). Conv weights θ = θ* + s ⊙ w with the g-prior w ~ N(w_c, g I); the image is
+x = f(θ*) + J̃ w with J̃ = J diag(s); the data y = A x + η, η ~ N(0, σ² I). The posterior over w
+is Gaussian with precision
+
+    H = σ⁻² J̃ᵀAᵀAJ̃ + g⁻¹ I                              (p × p)
+
+and the image predictive covariance is J̃ H⁻¹ J̃ᵀ. The predictive mean is the DIP reconstruction
+f(θ*) (``model.mean``); the linear-model mean f(θ*) + J̃ w̄ is available from the samplers.
+
+g-prior scales (:func:`gprior_scale`): s_j = (D_j / c)^(-1/2) with D = diag(JᵀAᵀAJ) and c = m
+(the number of measurements), so every column of AJ̃ has squared norm m: the prior is invariant to
+the units of each weight and ``diag(σ⁻² J̃ᵀAᵀAJ̃) = m / σ²`` is constant (a Jacobi-preconditioned
+Hessian). D is estimated by Monte Carlo, D_j = E_v[(JᵀAᵀv)_j²] with v ~ N(0, I_m), or exactly.
+Entries with D_j below ``floor · mean(D)`` (weights the data cannot see, e.g. dead channels)
+are raised to that floor, so scales stay finite.
+
+Prior centre (``prior_center``): ``"zero"`` centres the weight prior at θ = 0 as in linearised
+Laplace (w_c = −θ*/s; sample-based EM for g is then informative), ``"map"`` centres it at θ*
+(w_c = 0). The posterior covariance, hence every std map, does not depend on this choice.
+
+Example::
+
+    >>> post = Posterior(model, A, y, sigma2=None, g=1.0)          # doctest: +SKIP
+    >>> post.hessian_matvec(torch.randn(4, post.p)).shape           # doctest: +SKIP
+    torch.Size([4, p])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dipuq.errors import DipuqError
+from dipuq.linearise import LinearisedModel
+
+__all__ = ["Posterior", "gprior_scale", "gprior_diagonal"]
+
+_FORMAT = "dipuq.posterior/1"
+
+
+def gprior_diagonal(
+    model: LinearisedModel,
+    A,
+    n_probes: int | None = 128,
+    generator: torch.Generator | None = None,
+    batch: int = 16,
+) -> torch.Tensor:
+    """diag(JᵀAᵀAJ), shape ``(p,)``: exact if ``n_probes is None``, else a Monte Carlo estimate.
+
+    The estimate is mean_k (JᵀAᵀv_k)² with v_k ~ N(0, I_m), unbiased with relative standard
+    deviation sqrt(2 / n_probes) per entry.
+    """
+    m = A.shape[0]
+    if n_probes is None:
+        if m * model.p > 5e7:
+            raise DipuqError(f"exact g-prior diagonal needs an ({m} x {model.p}) matrix: use n_probes")
+        JT_AT = []
+        eye = torch.eye(m, dtype=model.dtype, device=model.device)
+        for i in range(0, m, 256):
+            rows = eye[i : i + 256].reshape(-1, *A.range_shape)
+            JT_AT.append(model.vjp(A.adjoint(rows)).double().pow(2).sum(0))
+        return torch.stack(JT_AT).sum(0)
+    if n_probes < 1:
+        raise DipuqError(f"n_probes must be >= 1, got {n_probes}")
+    acc = torch.zeros(model.p, dtype=torch.float64, device=model.device)
+    done = 0
+    while done < n_probes:
+        b = min(batch, n_probes - done)
+        v = torch.randn(b, *A.range_shape, generator=generator, dtype=model.dtype, device=model.device)
+        acc += model.vjp(A.adjoint(v)).double().pow(2).sum(0)
+        done += b
+    return acc / n_probes
+
+
+def gprior_scale(
+    model: LinearisedModel,
+    A,
+    n_probes: int | None = 128,
+    generator: torch.Generator | None = None,
+    floor: float = 1e-4,
+) -> torch.Tensor:
+    """g-prior scales s_j = (max(D_j, floor·mean D) / m)^(-1/2), shape ``(p,)``, dtype of the model.
+
+    ``n_probes=None`` computes D = diag(JᵀAᵀAJ) exactly (m VJPs; tiny problems only).
+    """
+    D = gprior_diagonal(model, A, n_probes=n_probes, generator=generator)
+    if not torch.isfinite(D).all():
+        raise DipuqError("g-prior diagonal has NaN/inf entries: the network Jacobian is not finite")
+    mean_D = D.mean()
+    if mean_D <= 0:
+        raise DipuqError("g-prior diagonal is zero: the measured data do not depend on any conv weight")
+    m = A.shape[0]
+    return (D.clamp(min=floor * mean_D) / m).rsqrt().to(model.dtype)
+
+
+class Posterior:
+    """The Gaussian posterior N(w̄, H⁻¹) of the rescaled linearised-DIP weights w.
+
+    Parameters
+    ----------
+    model : LinearisedModel
+        J at θ* and the DIP reconstruction ``model.mean`` = f(θ*).
+    A : LinearOperator
+        Forward operator, ``A.domain_shape == model.image_shape``.
+    y : Tensor
+        Measured data, shape ``A.range_shape`` (a leading ``(1,)`` or ``(1, 1)`` is dropped).
+    sigma2 : float, optional
+        Noise variance σ². Default: the DIP residual ||A f(θ*) − y||² / m.
+    g : float
+        Prior variance of w.
+    scale : Tensor, optional
+        g-prior scales s, shape ``(p,)``. Default: :func:`gprior_scale` with ``n_probes`` probes
+        drawn from ``generator`` (a fixed-seed local generator when not given).
+    prior_center : "zero" | "map"
+        Where the weight prior is centred (see module docstring).
+    """
+
+    def __init__(
+        self,
+        model: LinearisedModel,
+        A,
+        y: torch.Tensor,
+        sigma2: float | None = None,
+        g: float = 1.0,
+        scale: torch.Tensor | None = None,
+        prior_center: str = "zero",
+        n_probes: int | None = 128,
+        generator: torch.Generator | None = None,
+    ):
+        if tuple(A.domain_shape) != tuple(model.image_shape):
+            raise DipuqError(f"operator domain {A.domain_shape} != model image shape {model.image_shape}")
+        if prior_center not in ("zero", "map"):
+            raise DipuqError(f"prior_center must be 'zero' or 'map', got {prior_center!r}")
+        self.model, self.A = model, A
+        self.m, self.d = A.shape
+        self.p = model.p
+        y = torch.as_tensor(y, dtype=model.dtype, device=model.device)
+        if y.numel() != self.m:
+            raise DipuqError(f"data y has {y.numel()} values, operator range {A.range_shape} needs {self.m}")
+        self.y = y.reshape(A.range_shape)  # shape: range_shape
+        if not torch.isfinite(self.y).all():
+            raise DipuqError("data y contains NaN or inf")
+        with torch.no_grad():
+            self.residual_map = self.y - A(model.mean)  # y − A f(θ*), shape: range_shape
+        if sigma2 is None:
+            sigma2 = float(self.residual_map.double().pow(2).mean())
+        self.sigma2 = float(sigma2)
+        if not (self.sigma2 > 0 and math.isfinite(self.sigma2)):
+            raise DipuqError(f"noise variance sigma2 must be positive and finite, got {self.sigma2}")
+        self.g = float(g)
+        if not (self.g > 0 and math.isfinite(self.g)):
+            raise DipuqError(f"prior variance g must be positive and finite, got {self.g}")
+        if scale is None:
+            if generator is None:
+                generator = torch.Generator(device=model.device).manual_seed(0)
+            scale = gprior_scale(model, A, n_probes=n_probes, generator=generator)
+        scale = torch.as_tensor(scale, dtype=model.dtype, device=model.device).reshape(-1)
+        if scale.numel() != self.p:
+            raise DipuqError(f"scale has {scale.numel()} entries, the model has p = {self.p} weights")
+        self.scale = scale  # shape: (p,)
+        self.prior_center = prior_center
+        if prior_center == "zero":
+            self.w_center = -model.theta_map / self.scale  # shape: (p,)
+        else:
+            self.w_center = torch.zeros_like(model.theta_map)
+        self.cache: dict = {}  # g-independent derived quantities (λmax, preconditioners, dense J̃)
+        self.n_A = 0  # operator applications A / Aᵀ (single vectors), for cost accounting
+        self.n_AT = 0
+
+    # -- J̃, A J̃ and H as matrix-free maps ----------------------------------------------------
+    def J(self, z: torch.Tensor) -> torch.Tensor:
+        """J̃ z = J (s ⊙ z): ``(*batch, p)`` -> ``(*batch, *image_shape)``."""
+        return self.model.jvp(z * self.scale)
+
+    def JT(self, x: torch.Tensor) -> torch.Tensor:
+        """J̃ᵀ x = s ⊙ Jᵀ x: ``(*batch, *image_shape)`` -> ``(*batch, p)``."""
+        return self.model.vjp(x) * self.scale
+
+    def AJ(self, z: torch.Tensor) -> torch.Tensor:
+        """A J̃ z: ``(*batch, p)`` -> ``(*batch, *range_shape)``."""
+        out = self.A(self.J(z))
+        self.n_A += z.numel() // self.p
+        return out
+
+    def JTAT(self, u: torch.Tensor) -> torch.Tensor:
+        """J̃ᵀ Aᵀ u: ``(*batch, *range_shape)`` -> ``(*batch, p)``."""
+        self.n_AT += u.numel() // self.m
+        return self.JT(self.A.adjoint(u))
+
+    def hessian_matvec(self, z: torch.Tensor) -> torch.Tensor:
+        """H z = σ⁻² J̃ᵀAᵀAJ̃ z + g⁻¹ z, shape ``(*batch, p)``."""
+        return self.JTAT(self.AJ(z)) / self.sigma2 + z / self.g
+
+    def kernel_matvec(self, u: torch.Tensor) -> torch.Tensor:
+        """(K + σ² I) u with K = g A J̃ J̃ᵀ Aᵀ, shape ``(*batch, *range_shape)`` (the dual system)."""
+        return self.g * self.AJ(self.JTAT(u)) + self.sigma2 * u
+
+    @property
+    def data_residual(self) -> torch.Tensor:
+        """r = y − A f(θ*) − A J̃ w_c: the data the zero-centred offset u = w − w_c must explain."""
+        if self.prior_center == "map":
+            return self.residual_map
+        return self.residual_map - self.AJ(self.w_center)
+
+    def with_g(self, g: float) -> Posterior:
+        """A shallow copy with another prior variance g (same model, A, y, σ², s)."""
+        new = object.__new__(Posterior)
+        new.__dict__.update(self.__dict__)
+        new.g = float(g)
+        if not (new.g > 0 and math.isfinite(new.g)):
+            raise DipuqError(f"prior variance g must be positive and finite, got {g}")
+        return new
+
+    # -- dense oracles ----------------------------------------------------------------------------
+    def dense_J(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Dense J̃, shape ``(d, p)``."""
+        return self.model.as_matrix(dtype) * self.scale.to(dtype)
+
+    def dense_AJ(self, dtype: torch.dtype = torch.float64, J_tilde: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense A J̃, shape ``(m, p)`` (pass ``J_tilde`` = :meth:`dense_J` to reuse it)."""
+        if J_tilde is None:
+            J_tilde = self.dense_J(torch.float64)
+        if self.m * self.d <= 5e7:
+            return (self.A.as_matrix(torch.float64) @ J_tilde.double()).to(dtype)
+        cols = self.A(J_tilde.to(self.A.dtype).T.reshape(self.p, *self.model.image_shape))
+        return cols.reshape(self.p, self.m).T.to(dtype)
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything but the network and operator (which are rebuilt from their own stages)."""
+        return {
+            "format": _FORMAT,
+            "g": self.g,
+            "sigma2": self.sigma2,
+            "scale": self.scale.cpu(),
+            "y": self.y.cpu(),
+            "prior_center": self.prior_center,
+            "param_names": list(self.model.param_names),
+            "theta_map": self.model.theta_map.cpu(),
+            "image_shape": list(self.model.image_shape),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`state_dict` to ``path`` atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: LinearisedModel, A) -> Posterior:
+        """Rebuild a saved posterior around ``model`` and ``A`` (checked against the saved θ*)."""
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a data error
+            raise DipuqError(f"cannot read posterior file {path}: {exc}") from exc
+        if not isinstance(st, dict) or st.get("format") != _FORMAT:
+            raise DipuqError(f"{path} is not a dipuq posterior file")
+        if st["param_names"] != list(model.param_names) or st["theta_map"].numel() != model.p:
+            raise DipuqError(f"{path}: saved posterior belongs to a different network (weights differ)")
+        if not torch.allclose(st["theta_map"], model.theta_map.cpu(), rtol=1e-5, atol=1e-7):
+            raise DipuqError(f"{path}: saved posterior was linearised at different weights theta_map")
+        return cls(model, A, st["y"], sigma2=st["sigma2"], g=st["g"], scale=st["scale"],
+                   prior_center=st["prior_center"])
+
+    def __repr__(self) -> str:
+        return (f"Posterior(p={self.p}, d={self.d}, m={self.m}, g={self.g:.4g}, "
+                f"sigma2={self.sigma2:.4g}, prior_center={self.prior_center!r})")

@@ -1,0 +1,677 @@
+"""Posterior samplers for the linearised DIP: ``sgd`` (sample-then-optimise), ``cg``, ``exact``.
+
+Every sampler maps the same per-chain noise to the same posterior sample, up to solver error.
+Chain k draws ξ ~ N(0, I_p), ζ ~ N(0, I_m) from its own generator seeded by (seed, k) and sets
+w₀ = √g ξ, ε = σ ζ; its zero-mean posterior sample is
+
+    z_k = argmin_z L(z),   L(z) = ½σ⁻² ||A J̃ z||² + ½g⁻¹ ||z − w_n||²,   w_n = w₀ + g σ⁻² J̃ᵀAᵀ ε
+        = w₀ + g J̃ᵀAᵀ (K + σ² I)⁻¹ (ε − A J̃ w₀),   K = g A J̃ J̃ᵀ Aᵀ      (Matheron's rule)
+        ~ N(0, H⁻¹),  H = σ⁻² J̃ᵀAᵀAJ̃ + g⁻¹ I,
+
+and its image sample is J̃ z_k (add f(θ*) for a sample of the image itself). Because a chain's
+noise depends only on (seed, k), any split of the chains (batches, ranks) gives the same union
+of samples. The linear-model mean offset u = w̄ − w_c solves the same problem with w₀ = 0 and
+ε = r (the data residual, ``Posterior.data_residual``).
+
+* ``sgd`` — primal gradient descent on L with Nesterov momentum, optional learning-rate decay and
+  Polyak iterate averaging, chains batched through ``vmap``. Step size lr = lr_factor / λ̂ with λ̂
+  the largest eigenvalue of H from a few power iterations, so no per-problem tuning is needed
+  (Nesterov with momentum μ is stable for lr·λmax < 2(1+μ)/(1+2μ), 1.36 at μ = 0.9). Chains start
+  at w₀, where the error z* − w₀ = H⁻¹σ⁻²J̃ᵀAᵀ(ε − AJ̃w₀) lies in the row space of AJ̃.
+* ``cg`` — the dual system (K + σ²I) α = ε − AJ̃w₀ by batched preconditioned CG with a randomised
+  Nyström preconditioner of K (rank ``precond_rank``; Frangella, Tropp & Udell 2023).
+* ``exact`` — dense Cholesky of (K + σ²I) (m ≤ p) or of H (p < m): the oracle for tiny problems.
+
+Each sampler is a generator of :class:`SamplerState` (``iterate``) plus a driver (``sample``,
+``mean``) that streams image samples into :class:`~dipuq.uncertainty.Moments`.
+:func:`iterate_em` / :func:`run_em` fit g by sample-based EM.
+
+Example::
+
+    >>> sampler = make_sampler("sgd", SamplerConfig(n_steps=500))            # doctest: +SKIP
+    >>> res = sampler.sample(post, 64, generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
+    >>> std = res.moments.std()                                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+from dipuq.errors import ConfigError, DipuqError, DivergenceError
+from dipuq.posterior import Posterior
+from dipuq.uncertainty import Moments
+
+__all__ = [
+    "SamplerConfig", "SamplerState", "SampleResult", "MeanResult", "Sampler", "SGDSampler", "CGSampler",
+    "ExactSampler", "make_sampler", "chain_generator", "EMState", "EMResult", "iterate_em", "run_em",
+    "SAMPLERS",
+]
+
+
+@dataclass
+class SamplerConfig:
+    """Options of all samplers (each reads its own).
+
+    Common: ``chains_per_batch`` chains are solved together (one vmap'ed batch).
+    sgd: ``n_steps``, ``lr`` (None = ``lr_factor`` / λmax(H)), ``momentum`` (Nesterov),
+    ``lr_decay`` ("none" | "cosine" to ``lr_final`` × lr), ``average_from`` (Polyak averaging over
+    the last fraction of steps; 0 = last iterate), ``power_iters``, ``grad_tol`` (stop a batch early
+    when every chain's ||∇L|| fell below grad_tol × its start), ``diverge_factor``.
+    cg: ``cg_tol`` (relative residual), ``cg_max_iter``, ``precond_rank`` (0 = no preconditioner).
+    exact: ``max_dense`` (largest m·p and d·p entries of the dense matrices).
+    """
+
+    chains_per_batch: int = 16
+    n_steps: int = 1000
+    lr: float | None = None
+    lr_factor: float = 1.0
+    momentum: float = 0.9
+    lr_decay: str = "none"
+    lr_final: float = 0.1
+    average_from: float = 0.0
+    power_iters: int = 20
+    grad_tol: float = 0.0
+    diverge_factor: float = 1e4
+    cg_tol: float = 1e-4
+    cg_max_iter: int = 1000
+    precond_rank: int = 64
+    max_dense: float = 2e8
+
+    def __post_init__(self):
+        if self.chains_per_batch < 1 or self.n_steps < 1 or self.cg_max_iter < 1:
+            raise ConfigError("sampler: chains_per_batch, n_steps and cg_max_iter must be >= 1")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"sampler: momentum must be in [0, 1), got {self.momentum}")
+        if self.lr_decay not in ("none", "cosine"):
+            raise ConfigError(f"sampler: lr_decay must be 'none' or 'cosine', got {self.lr_decay!r}")
+        if not 0 <= self.average_from < 1:
+            raise ConfigError(f"sampler: average_from must be in [0, 1), got {self.average_from}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"sampler: lr must be positive, got {self.lr}")
+        if not self.lr_factor > 0 or self.precond_rank < 0 or self.power_iters < 1:
+            raise ConfigError("sampler: lr_factor > 0, precond_rank >= 0, power_iters >= 1 required")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"sampler: unknown option(s) {unknown}")
+        return cls(**d)
+
+
+@dataclass
+class SamplerState:
+    """One step of one batch of chains. ``z`` (b, p) is the current estimate (not a copy).
+
+    On the last step of a batch ``done`` is True and ``samples`` holds the image samples J̃z
+    ``(b, *image_shape)`` and ``data_fit`` σ⁻²||AJ̃z||² per chain (the EM effective-dimension terms).
+    """
+
+    sampler: str
+    chains: list[int]
+    step: int
+    z: torch.Tensor
+    objective: torch.Tensor | None = None  # shape: (b,)
+    grad_norm: torch.Tensor | None = None  # shape: (b,), or the relative residual for cg
+    done: bool = False
+    samples: torch.Tensor | None = None
+    data_fit: torch.Tensor | None = None
+    warm: torch.Tensor | None = None  # what to pass back as ``init`` to warm-start this batch
+
+
+@dataclass
+class SampleResult:
+    """Streaming output of :meth:`Sampler.sample`."""
+
+    moments: Moments
+    chains: list[int]
+    seed: int
+    data_fit: torch.Tensor  # σ⁻²||AJ̃z_k||² per chain, shape: (K,)
+    history: list[dict] = field(default_factory=list)  # per batch: objective / grad_norm per step
+    steps: int = 0  # solver iterations summed over batches
+    seconds: float = 0.0
+    z: torch.Tensor | None = None  # (K, p) weight samples when keep_z=True
+    warm: torch.Tensor | None = None  # (K, ·) warm-start states when keep_warm=True
+
+    @property
+    def gamma(self) -> float:
+        """Effective dimension estimate γ̂ = σ⁻² mean_k ||AJ̃ z_k||² (unclamped)."""
+        return float(self.data_fit.mean())
+
+
+@dataclass
+class MeanResult:
+    """Linear-model mean: u = w̄ − w_c (p,), w̄ (p,), image f(θ*) + J̃ w̄, and a warm start."""
+
+    u: torch.Tensor
+    w: torch.Tensor
+    image: torch.Tensor
+    warm: torch.Tensor
+    history: dict = field(default_factory=dict)
+
+
+def chain_generator(seed: int, chain: int, device=None) -> torch.Generator:
+    """The generator of chain ``chain`` under run seed ``seed``: a pure function of (seed, chain)."""
+    state = np.random.SeedSequence([int(seed) % 2**63, int(chain)]).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator(device=device or "cpu")
+    gen.manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return gen
+
+
+def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    if seed is not None:
+        return int(seed)
+    if generator is None:
+        raise DipuqError("pass a torch.Generator (or an explicit seed) for sampling")
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
+def _chain_noise(post: Posterior, chains: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w₀ = √g ξ (b, p) and ε = σ ζ (b, *range_shape) for each chain, from its own generator."""
+    dev, dt = post.model.device, post.model.dtype
+    xi, zeta = [], []
+    for k in chains:
+        gen = chain_generator(seed, k, dev)
+        xi.append(torch.randn(post.p, generator=gen, device=dev, dtype=dt))
+        zeta.append(torch.randn(post.A.range_shape, generator=gen, device=dev, dtype=dt))
+    return math.sqrt(post.g) * torch.stack(xi), math.sqrt(post.sigma2) * torch.stack(zeta)
+
+
+def _sqnorm(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).double().pow(2).sum(1)
+
+
+class Sampler:
+    """Base class: draws zero-mean posterior weight samples z ~ N(0, H⁻¹) chain by chain.
+
+    Subclasses implement :meth:`solve`, a generator that solves for one batch of chains given
+    their (w₀, ε) and yields :class:`SamplerState`; its return value is ``(z, warm)``.
+    """
+
+    key: str = ""
+
+    def __init__(self, cfg: SamplerConfig | None = None):
+        self.cfg = cfg or SamplerConfig()
+
+    # -- to implement -----------------------------------------------------------------------
+    def solve(self, post: Posterior, w0: torch.Tensor, eps: torch.Tensor, chains: list[int],
+              init: torch.Tensor | None = None) -> Generator[SamplerState, None, tuple]:
+        raise NotImplementedError  # pragma: no cover
+
+    def prepare(self, post: Posterior) -> None:
+        """Build what the solver needs (step size, preconditioner, dense matrices); cached on ``post``."""
+
+    # -- generators of states ------------------------------------------------------------------
+    def iterate(self, post: Posterior, chains: Sequence[int], seed: int,
+                init: torch.Tensor | None = None) -> Iterator[SamplerState]:
+        """Solve the given chains batch by batch, yielding every solver step.
+
+        The last state of each batch has ``done=True``, the image samples and the data-fit terms.
+        ``init`` (len(chains), ·) warm-starts each chain (see ``SampleResult.warm``).
+        """
+        chains = list(chains)
+        self.prepare(post)
+        b = self.cfg.chains_per_batch
+        for i in range(0, len(chains), b):
+            batch = chains[i : i + b]
+            w0, eps = _chain_noise(post, batch, seed)
+            binit = None if init is None else init[i : i + b]
+            z, warm = yield from self.solve(post, w0, eps, batch, binit)
+            x = post.J(z)  # shape: (b, *image_shape)
+            data_fit = _sqnorm(post.A(x)) / post.sigma2
+            post.n_A += len(batch)
+            yield SamplerState(self.key, batch, -1, z, done=True, samples=x, data_fit=data_fit, warm=warm)
+
+    # -- drivers ---------------------------------------------------------------------------------
+    def sample(
+        self,
+        post: Posterior,
+        n_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        chains: Sequence[int] | None = None,
+        moments: Moments | None = None,
+        init: torch.Tensor | None = None,
+        keep_z: bool = False,
+        keep_warm: bool = False,
+        callback: Callable[[SamplerState], None] | None = None,
+    ) -> SampleResult:
+        """Draw posterior samples and stream their image moments.
+
+        Parameters
+        ----------
+        n_samples : int
+            Number of chains 0..n−1 (or give ``chains`` explicitly, e.g. one rank's share).
+        generator, seed
+            The run seed is ``seed`` or drawn once from ``generator``; chain k uses (seed, k).
+        moments : Moments, optional
+            Accumulator to add to (default: a new zero-mean one).
+        init, keep_warm
+            Warm starts in, and the final solver states out (EM).
+        callback : callable, optional
+            Called with every :class:`SamplerState` (progress bars, logging).
+        """
+        if chains is None:
+            if n_samples is None or n_samples < 1:
+                raise DipuqError(f"n_samples must be >= 1, got {n_samples}")
+            chains = range(n_samples)
+        chains = list(chains)
+        seed = _resolve_seed(seed, generator)
+        if moments is None:
+            moments = Moments(post.model.image_shape, device=post.model.device)
+        t0 = time.perf_counter()
+        fits, zs, warms, history, steps = [], [], [], [], 0
+        obj, gn = [], []
+        for st in self.iterate(post, chains, seed, init=init):
+            if callback is not None:
+                callback(st)
+            if not st.done:
+                steps += 1
+                if st.objective is not None:
+                    obj.append(float(st.objective.mean()))
+                if st.grad_norm is not None:
+                    gn.append(float(st.grad_norm.mean()))
+                continue
+            moments.update(st.samples)
+            fits.append(st.data_fit)
+            history.append({"chains": st.chains, "objective": obj, "grad_norm": gn})
+            obj, gn = [], []
+            if keep_z:
+                zs.append(st.z.detach().clone())
+            if keep_warm and st.warm is not None:
+                warms.append(st.warm.detach().clone())
+        return SampleResult(
+            moments=moments, chains=chains, seed=seed, data_fit=torch.cat(fits).cpu(), history=history,
+            steps=steps, seconds=time.perf_counter() - t0, z=torch.cat(zs) if keep_z else None,
+            warm=torch.cat(warms) if keep_warm and warms else None,
+        )
+
+    def mean(self, post: Posterior, init: torch.Tensor | None = None,
+             callback: Callable[[SamplerState], None] | None = None) -> MeanResult:
+        """The linear-model posterior mean, u = argmin ½σ⁻²||AJ̃u − r||² + ½g⁻¹||u||², w̄ = w_c + u."""
+        self.prepare(post)
+        w0 = torch.zeros(1, post.p, dtype=post.model.dtype, device=post.model.device)
+        r = post.data_residual.unsqueeze(0)
+        gen = self.solve(post, w0, r, [-1], None if init is None else init.unsqueeze(0))
+        obj, gn = [], []
+        while True:
+            try:
+                st = next(gen)
+            except StopIteration as stop:
+                u, warm = stop.value
+                break
+            if callback is not None:
+                callback(st)
+            if st.objective is not None:
+                obj.append(float(st.objective[0]))
+            if st.grad_norm is not None:
+                gn.append(float(st.grad_norm[0]))
+        u = u[0]
+        w = post.w_center + u
+        image = post.model.mean + post.J(w)
+        return MeanResult(u=u, w=w, image=image, warm=warm[0], history={"objective": obj, "grad_norm": gn})
+
+
+# --------------------------------------------------------------------------------------------
+class SGDSampler(Sampler):
+    """Sample-then-optimise by Nesterov gradient descent on L(z) (see module docstring)."""
+
+    key = "sgd"
+
+    def lambda_max(self, post: Posterior) -> float:
+        """Largest eigenvalue of H = σ⁻²M + g⁻¹I, M = J̃ᵀAᵀAJ̃, by power iteration on M (cached)."""
+        key = ("lambda_max_M", self.cfg.power_iters)
+        if key not in post.cache:
+            gen = torch.Generator(device=post.model.device).manual_seed(12345)
+            v = torch.randn(4, post.p, generator=gen, dtype=post.model.dtype, device=post.model.device)
+            v = v / v.norm(dim=1, keepdim=True)
+            lam = torch.zeros(4)
+            for _ in range(self.cfg.power_iters):
+                Mv = post.JTAT(post.AJ(v))
+                lam = (v * Mv).sum(1)  # Rayleigh quotients
+                v = Mv / Mv.norm(dim=1, keepdim=True).clamp(min=1e-30)
+            lam_max = float(lam.max())
+            if not math.isfinite(lam_max):
+                raise DivergenceError("power iteration for the sgd step size gave NaN/inf: J or A is not finite")
+            post.cache[key] = lam_max
+        return post.cache[key] / post.sigma2 + 1.0 / post.g
+
+    def prepare(self, post: Posterior) -> None:
+        if self.cfg.lr is None:
+            self.lambda_max(post)
+
+    def step_size(self, post: Posterior) -> float:
+        return self.cfg.lr if self.cfg.lr is not None else self.cfg.lr_factor / self.lambda_max(post)
+
+    def solve(self, post, w0, eps, chains, init=None):
+        cfg = self.cfg
+        g, s2, mu = post.g, post.sigma2, cfg.momentum
+        w_n = w0 + (g / s2) * post.JTAT(eps)  # shape: (b, p)
+        z = (w0 if init is None else init.to(w0)).clone()
+        vel = torch.zeros_like(z)
+        lr = self.step_size(post)
+        T = cfg.n_steps
+        t_avg = T - int(round(cfg.average_from * T)) if cfg.average_from > 0 else T
+        z_avg, n_avg = None, 0
+        obj0 = g0 = None
+        for t in range(T):
+            if cfg.lr_decay == "cosine":
+                lr_t = lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t / T)))
+            else:
+                lr_t = lr
+            zl = z + mu * vel  # Nesterov look-ahead
+            r = post.AJ(zl)  # shape: (b, *range_shape)
+            dz = zl - w_n
+            grad = post.JTAT(r) / s2 + dz / g
+            objective = 0.5 * _sqnorm(r) / s2 + 0.5 * _sqnorm(dz) / g  # L at the look-ahead point
+            gnorm = _sqnorm(grad).sqrt()
+            if obj0 is None:
+                obj0, g0 = objective.clamp(min=1e-30), gnorm.clamp(min=1e-30)
+            if not torch.isfinite(objective).all() or (objective > cfg.diverge_factor * obj0).any():
+                ratio = float((objective / obj0).max())
+                raise DivergenceError(
+                    f"sgd sampler diverged at step {t}: objective grew {ratio:.3g}x (NaN/inf or > "
+                    f"{cfg.diverge_factor:g}x its start); lower SamplerConfig.lr_factor (now {cfg.lr_factor:g}) "
+                    f"or set a smaller lr (now {lr:.3g})"
+                )
+            vel = mu * vel - lr_t * grad
+            z = z + vel
+            if t >= t_avg:
+                n_avg += 1
+                z_avg = z.clone() if z_avg is None else z_avg + (z - z_avg) / n_avg
+            yield SamplerState(self.key, chains, t, z if z_avg is None else z_avg, objective, gnorm)
+            if cfg.grad_tol > 0 and z_avg is None and bool((gnorm < cfg.grad_tol * g0).all()):
+                break
+        out = z if z_avg is None else z_avg
+        return out, out
+
+
+# --------------------------------------------------------------------------------------------
+class CGSampler(Sampler):
+    """Matheron's rule with the dual system (K + σ²I) α = ε − AJ̃w₀ solved by Nyström-PCG."""
+
+    key = "cg"
+
+    def nystrom(self, post: Posterior) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Randomised Nyström approximation K₁ ≈ U diag(Λ) Uᵀ of K₁ = AJ̃J̃ᵀAᵀ (g = 1), cached.
+
+        U (m, r), Λ (r,) in float64; K = g K₁, so one factorisation serves every g (EM).
+        """
+        r = min(self.cfg.precond_rank, post.m, post.p)
+        if r == 0:
+            return None
+        key = ("nystrom", r)
+        if key not in post.cache:
+            gen = torch.Generator(device=post.model.device).manual_seed(54321)
+            dev, m = post.model.device, post.m
+            omega = torch.randn(m, r, generator=gen, dtype=torch.float64, device=dev)
+            omega, _ = torch.linalg.qr(omega)
+            Y = torch.cat([
+                post.AJ(post.JTAT(omega[:, i : i + 32].T.to(post.model.dtype).reshape(-1, *post.A.range_shape)))
+                .reshape(-1, m) for i in range(0, r, 32)
+            ]).T.double()  # shape: (m, r)
+            nu = float(torch.finfo(torch.float32).eps) * float(torch.linalg.matrix_norm(Y, ord=2)) * math.sqrt(m)
+            Y_nu = Y + nu * omega
+            C = omega.T @ Y_nu
+            C = 0.5 * (C + C.T)
+            L, info = torch.linalg.cholesky_ex(C)
+            if info != 0:  # add jitter until positive definite
+                L = torch.linalg.cholesky(C + 1e-6 * torch.trace(C) / r * torch.eye(r, dtype=C.dtype, device=dev))
+            B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_nu L⁻ᵀ, shape: (m, r)
+            U, S, _ = torch.linalg.svd(B, full_matrices=False)
+            lam = (S * S - nu).clamp(min=0)
+            post.cache[key] = (U, lam)
+        return post.cache[key]
+
+    def prepare(self, post: Posterior) -> None:
+        self.nystrom(post)
+
+    def _precond(self, post: Posterior):
+        ny = self.nystrom(post)
+        if ny is None:
+            return lambda v: v
+        U, lam = ny
+        lam_g = post.g * lam
+        s2 = post.sigma2
+        weight = (lam_g[-1] + s2) / (lam_g + s2) - 1.0  # shape: (r,)
+        U32 = U.to(post.model.dtype)
+        w32 = weight.to(post.model.dtype)
+
+        def apply(v):  # P⁻¹ v = v + U diag((λ_r + σ²)/(λ + σ²) − 1) Uᵀ v
+            vf = v.reshape(v.shape[0], -1)
+            return (vf + ((vf @ U32) * w32) @ U32.T).reshape(v.shape)
+
+        return apply
+
+    def solve(self, post, w0, eps, chains, init=None):
+        cfg = self.cfg
+        bsz = w0.shape[0]
+        rhs = eps - post.AJ(w0)  # shape: (b, *range_shape)
+        Pinv = self._precond(post)
+
+        def dot(a, b):
+            return (a.reshape(bsz, -1) * b.reshape(bsz, -1)).sum(1)
+
+        bnorm = dot(rhs, rhs).sqrt().clamp(min=1e-30)
+        if init is None:
+            alpha = torch.zeros_like(rhs)
+            res = rhs.clone()
+        else:
+            alpha = init.to(rhs).reshape(rhs.shape).clone()
+            res = rhs - post.kernel_matvec(alpha)
+        zr = Pinv(res)
+        pdir = zr.clone()
+        rz = dot(res, zr)
+        shape = (bsz,) + (1,) * (rhs.ndim - 1)
+        for it in range(cfg.cg_max_iter):
+            rel = dot(res, res).sqrt() / bnorm
+            if not torch.isfinite(rel).all():
+                raise DivergenceError(f"cg sampler produced NaN/inf at iteration {it}: check J, A and sigma2")
+            active = rel > cfg.cg_tol
+            yield SamplerState(self.key, chains, it, alpha, None, rel)
+            if not bool(active.any()):
+                break
+            Kp = post.kernel_matvec(pdir)
+            pKp = dot(pdir, Kp)
+            a = torch.where(active & (pKp > 0), rz / pKp.clamp(min=1e-30), torch.zeros_like(rz))
+            alpha = alpha + a.reshape(shape) * pdir
+            res = res - a.reshape(shape) * Kp
+            zr = Pinv(res)
+            rz_new = dot(res, zr)
+            beta = torch.where(active, rz_new / rz.clamp(min=1e-30), torch.zeros_like(rz))
+            pdir = zr + beta.reshape(shape) * pdir
+            rz = rz_new
+        z = w0 + post.g * post.JTAT(alpha)
+        return z, alpha.reshape(bsz, -1)
+
+
+# --------------------------------------------------------------------------------------------
+class ExactSampler(Sampler):
+    """Dense Cholesky oracle (float64). Refuses problems with more than ``max_dense`` matrix entries."""
+
+    key = "exact"
+
+    def dense(self, post: Posterior) -> tuple[torch.Tensor, torch.Tensor]:
+        """(J̃ (d, p), A J̃ (m, p)) in float64, cached on ``post``."""
+        if "dense" not in post.cache:
+            big = max(post.m, post.d) * post.p
+            if big > self.cfg.max_dense:
+                raise DipuqError(
+                    f"exact sampler needs dense ({max(post.m, post.d)} x {post.p}) matrices "
+                    f"({big:.3g} entries > max_dense {self.cfg.max_dense:.3g}): use sampler 'sgd' or 'cg'"
+                )
+            Jt = post.dense_J(torch.float64)
+            post.cache["dense"] = (Jt, post.dense_AJ(torch.float64, J_tilde=Jt))
+        return post.cache["dense"]
+
+    def prepare(self, post: Posterior) -> None:
+        self.dense(post)
+
+    def _factor(self, post: Posterior):
+        _, B = self.dense(post)
+        key = ("chol", post.g, post.sigma2)
+        if key not in post.cache:
+            for k in [k for k in post.cache if isinstance(k, tuple) and k[0] == "chol"]:
+                del post.cache[k]
+            if post.m <= post.p:
+                S = post.g * B @ B.T + post.sigma2 * torch.eye(post.m, dtype=B.dtype, device=B.device)
+            else:
+                S = B.T @ B / post.sigma2 + torch.eye(post.p, dtype=B.dtype, device=B.device) / post.g
+            post.cache[key] = torch.linalg.cholesky(S)
+        return B, post.cache[key]
+
+    def solve(self, post, w0, eps, chains, init=None):
+        B, L = self._factor(post)
+        w0d, epsd = w0.double(), eps.reshape(eps.shape[0], -1).double()
+        if post.m <= post.p:
+            alpha = torch.cholesky_solve((epsd - w0d @ B.T).T, L).T  # shape: (b, m)
+            z = w0d + post.g * alpha @ B
+        else:
+            w_n = w0d + (post.g / post.sigma2) * epsd @ B
+            z = torch.cholesky_solve((w_n / post.g).T, L).T
+        z = z.to(w0.dtype)
+        yield SamplerState(self.key, chains, 0, z)
+        return z, z
+
+    def image_variance(self, post: Posterior) -> torch.Tensor:
+        """Exact diag(J̃ H⁻¹ J̃ᵀ), shape ``image_shape`` (float64)."""
+        Jt, _ = self.dense(post)
+        B, L = self._factor(post)
+        if post.m <= post.p:  # H⁻¹ = gI − g² Bᵀ(K+σ²I)⁻¹B
+            W = torch.linalg.solve_triangular(L, B @ Jt.T, upper=False)  # shape: (m, d)
+            var = post.g * Jt.pow(2).sum(1) - post.g**2 * W.pow(2).sum(0)
+        else:
+            W = torch.linalg.solve_triangular(L, Jt.T, upper=False)  # shape: (p, d)
+            var = W.pow(2).sum(0)
+        return var.clamp(min=0).reshape(post.model.image_shape)
+
+    def log_evidence(self, post: Posterior, g: float | None = None) -> float:
+        """log N(r; 0, g AJ̃J̃ᵀAᵀ + σ²I) of the data residual r under prior variance g."""
+        g = post.g if g is None else float(g)
+        _, B = self.dense(post)
+        r = post.data_residual.reshape(-1).double()
+        m, s2 = post.m, post.sigma2
+        if m <= post.p:
+            S = g * B @ B.T + s2 * torch.eye(m, dtype=B.dtype, device=B.device)
+            L = torch.linalg.cholesky(S)
+            a = torch.linalg.solve_triangular(L, r[:, None], upper=False)
+            logdet = 2 * torch.log(torch.diagonal(L)).sum()
+            quad = a.pow(2).sum()
+        else:  # determinant lemma and Woodbury in p dimensions
+            Hd = B.T @ B / s2 + torch.eye(post.p, dtype=B.dtype, device=B.device) / g
+            L = torch.linalg.cholesky(Hd)
+            logdet = m * math.log(s2) + post.p * math.log(g) + 2 * torch.log(torch.diagonal(L)).sum()
+            a = torch.linalg.solve_triangular(L, (B.T @ r)[:, None], upper=False)
+            quad = r.pow(2).sum() / s2 - a.pow(2).sum() / s2**2
+        return float(-0.5 * (quad + logdet + m * math.log(2 * math.pi)))
+
+
+SAMPLERS: dict[str, type[Sampler]] = {cls.key: cls for cls in (SGDSampler, CGSampler, ExactSampler)}
+
+
+def make_sampler(name: str = "sgd", cfg: SamplerConfig | dict | None = None) -> Sampler:
+    """The sampler registered under ``name`` ("sgd" | "cg" | "exact") with its config."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    if isinstance(cfg, dict):
+        cfg = SamplerConfig.from_dict(cfg)
+    return SAMPLERS[name](cfg)
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EMState:
+    """One EM round: the g used, the mean offset norm ||u||², γ̂ (clamped) and the updated g."""
+
+    round: int
+    g: float
+    u_norm2: float
+    gamma: float
+    g_new: float
+    mean: MeanResult
+    samples: SampleResult
+
+
+@dataclass
+class EMResult:
+    posterior: Posterior  # with the final g
+    g_trace: list[float]  # g before each round, then the final value
+    gamma_trace: list[float]
+    mean: MeanResult | None = None
+
+
+def iterate_em(
+    post: Posterior,
+    sampler: Sampler,
+    n_rounds: int = 10,
+    n_samples: int = 16,
+    seed: int = 0,
+    rtol: float = 0.0,
+) -> Generator[EMState, None, Posterior]:
+    """Sample-based EM for the prior variance g (σ² fixed), one :class:`EMState` per round.
+
+    Each round solves the mean offset u (warm-started), draws ``n_samples`` zero-mean samples
+    (same chain seeds every round, warm-started), sets γ̂ = σ⁻² mean_k ||AJ̃z_k||² clamped to
+    [1, m − 1] and g ← ||u||² / γ̂. Stops early when |Δg| / g < ``rtol``. Returns the posterior
+    with the final g.
+    """
+    if n_rounds < 1 or n_samples < 1:
+        raise DipuqError("EM needs n_rounds >= 1 and n_samples >= 1")
+    mean_warm, sample_warm = None, None
+    for k in range(n_rounds):
+        mean = sampler.mean(post, init=mean_warm)
+        res = sampler.sample(post, n_samples, seed=seed, init=sample_warm, keep_warm=True)
+        gamma = min(max(res.gamma, 1.0), post.m - 1.0)
+        u_norm2 = float(mean.u.double().pow(2).sum())
+        g_new = u_norm2 / gamma
+        if not (math.isfinite(g_new) and g_new > 0):
+            raise DivergenceError(f"EM round {k}: g update gave {g_new} (||u||^2 = {u_norm2}, gamma = {gamma})")
+        yield EMState(k, post.g, u_norm2, gamma, g_new, mean, res)
+        if isinstance(sampler, SGDSampler) and res.warm is not None:
+            # samples scale like sqrt(g): rescale the previous solutions as the next start
+            sample_warm = res.warm * math.sqrt(g_new / post.g)
+        else:
+            sample_warm = res.warm
+        mean_warm = mean.warm
+        old = post.g
+        post = post.with_g(g_new)
+        if rtol > 0 and abs(g_new - old) < rtol * old:
+            break
+    return post
+
+
+def run_em(
+    post: Posterior,
+    sampler: Sampler | str = "sgd",
+    n_rounds: int = 10,
+    n_samples: int = 16,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    rtol: float = 0.0,
+    callback: Callable[[EMState], None] | None = None,
+) -> EMResult:
+    """Driver for :func:`iterate_em`; returns the fitted posterior and the traces of g and γ̂."""
+    if isinstance(sampler, str):
+        sampler = make_sampler(sampler)
+    seed = _resolve_seed(seed, generator)
+    gen = iterate_em(post, sampler, n_rounds, n_samples, seed, rtol)
+    g_trace, gamma_trace, last = [post.g], [], None
+    while True:
+        try:
+            st = next(gen)
+        except StopIteration as stop:
+            final = stop.value
+            break
+        if callback is not None:
+            callback(st)
+        g_trace.append(st.g_new)
+        gamma_trace.append(st.gamma)
+        last = st.mean
+    return EMResult(final, g_trace, gamma_trace, last)

@@ -1,0 +1,411 @@
+"""Figures: orthogonal slices of reconstruction / std / |error| / z-score and diagnostics.
+
+This is the only dipuq module that imports matplotlib. It uses the object-oriented API on the
+Agg canvas (``matplotlib.figure.Figure``), never ``pyplot``: no window ever opens and no global
+backend is switched, with or without a display.
+
+Quantities shown (``x̂`` reconstruction, ``σ`` posterior std, ``x_ref`` reference):
+
+- ``|error| = |x̂ - x_ref|`` on the same colour scale as ``σ`` (so "is the error inside the error
+  bar?" can be read off by eye); reconstruction and reference share one grey scale;
+- ``z = (x̂ - x_ref) / σ`` on a diverging map symmetric about 0 (±3 by default): calibrated error
+  bars give z ~ N(0, 1), mostly pale, with few saturated voxels;
+- the reliability diagram: empirical coverage of central Gaussian intervals ``x̂ ± q σ`` against
+  their nominal level; on the diagonal = calibrated, below = over-confident (σ too small);
+- ``σ`` against ``|error|`` (hexbin, log-log): good error bars put mass along the diagonal.
+
+Slices of a volume ``(z, y, x)``: axial = fixed z (image y × x), coronal = fixed y (z × x),
+sagittal = fixed x (z × y). Images are drawn as arrays (row 0 at the top), voxels square.
+
+Example::
+
+    >>> fig = orthoslices({"recon": x, "std": s, "reference": ref})
+    >>> save_figure(fig, "figures/slices.png")
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import matplotlib.cm
+import matplotlib.image
+import matplotlib.ticker
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+
+__all__ = [
+    "AXES",
+    "QUANTITIES",
+    "derived_maps",
+    "display_scales",
+    "take_slice",
+    "slice_indices",
+    "orthoslices",
+    "reliability_diagram",
+    "coverage_curve",
+    "std_error_hexbin",
+    "loss_curve",
+    "curves_figure",
+    "em_trace",
+    "save_figure",
+    "figure_png",
+    "array_png",
+    "colorbar_png",
+]
+
+AXES = {"z": "axial", "y": "coronal", "x": "sagittal"}
+# name -> (panel title, colormap); scales are computed by display_scales
+QUANTITIES = {
+    "recon": ("Reconstruction x̂", "gray"),
+    "reference": ("Reference x_ref", "gray"),
+    "std": ("Posterior std σ", "magma"),
+    "abs_error": ("|error| = |x̂ − x_ref|", "magma"),
+    "zscore": ("z-score (x̂ − x_ref)/σ", "RdBu_r"),
+}
+_AXIS_DIMS = {"z": ("y", "x"), "y": ("z", "x"), "x": ("z", "y")}
+
+
+# -------------------------------------------------------------------------------------------
+# Data preparation (numpy only)
+# -------------------------------------------------------------------------------------------
+
+
+def derived_maps(recon, std, reference=None) -> dict[str, np.ndarray]:
+    """``{recon, std[, reference, abs_error, zscore]}`` as float32 arrays of the volume's shape."""
+    recon = np.asarray(recon, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+    if std.shape != recon.shape:
+        raise ValueError(f"std shape {std.shape} differs from recon shape {recon.shape}")
+    out = {"recon": recon}
+    if reference is not None:
+        reference = np.asarray(reference, dtype=np.float32)
+        if reference.shape != recon.shape:
+            raise ValueError(f"reference shape {reference.shape} differs from recon shape {recon.shape}")
+        err = recon - reference
+        out["reference"] = reference
+        out["std"] = std
+        out["abs_error"] = np.abs(err)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = err / np.maximum(std, np.finfo(np.float32).tiny)
+        out["zscore"] = np.nan_to_num(z, nan=0.0, posinf=1e6, neginf=-1e6).astype(np.float32)
+    else:
+        out["std"] = std
+    return out
+
+
+def display_scales(maps: Mapping[str, np.ndarray], zscore_limit: float = 3.0) -> dict[str, tuple[float, float]]:
+    """Colour limits: recon & reference share robust grey limits (0.5–99.5 %), std & |error| share
+    ``[0, 99.5 %]``, z-score is ``±zscore_limit``."""
+    def pct(arrays, lo, hi):
+        v = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return 0.0, 1.0
+        a, b = np.percentile(v, [lo, hi])
+        return float(a), float(b if b > a else a + max(abs(a), 1.0) * 1e-6)
+
+    scales = {}
+    grey = [maps[k] for k in ("reference", "recon") if k in maps]
+    scales["recon"] = scales["reference"] = pct(grey, 0.5, 99.5)
+    spread = [maps[k] for k in ("std", "abs_error") if k in maps]
+    top = pct(spread, 0.0, 99.5)[1]
+    scales["std"] = scales["abs_error"] = (0.0, max(top, 1e-12))
+    scales["zscore"] = (-float(zscore_limit), float(zscore_limit))
+    return {k: v for k, v in scales.items() if k in maps}
+
+
+def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
+    """The 2D slice of a ``(z, y, x)`` volume at ``index`` along ``axis`` (a 2D image is returned as is)."""
+    volume = np.asarray(volume)
+    if volume.ndim == 2:
+        return volume
+    k = "zyx".index(axis)
+    return np.take(volume, index, axis=k)
+
+
+def slice_indices(n: int, count: int) -> list[int]:
+    """At most ``count`` evenly spaced slice indices in ``[0, n)``, always including the middle."""
+    if n <= count:
+        return list(range(n))
+    idx = set(np.round(np.linspace(0, n - 1, count)).astype(int).tolist())
+    idx.add(n // 2)
+    while len(idx) > count:  # the middle pushed us one over: drop the neighbour of the middle
+        near = sorted(idx - {n // 2}, key=lambda i: abs(i - n // 2))[0]
+        idx.discard(near)
+    return sorted(idx)
+
+
+def coverage_curve(error, std, levels=None) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical coverage of central Gaussian intervals ``x̂ ± Φ⁻¹((1+p)/2) σ`` at nominal levels p."""
+    from scipy.stats import norm
+
+    levels = np.linspace(0.05, 0.99, 48) if levels is None else np.asarray(levels, dtype=np.float64)
+    e = np.abs(np.asarray(error, dtype=np.float64)).ravel()
+    s = np.asarray(std, dtype=np.float64).ravel()
+    q = norm.ppf(0.5 + levels / 2)
+    ratio = np.sort(e / np.maximum(s, 1e-30))
+    empirical = np.searchsorted(ratio, q, side="right") / ratio.size
+    return levels, empirical
+
+
+# -------------------------------------------------------------------------------------------
+# Figures
+# -------------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def orthoslices(
+    maps: Mapping[str, np.ndarray],
+    *,
+    axes: Sequence[str] = ("z", "y", "x"),
+    indices: Mapping[str, int] | None = None,
+    zscore_limit: float = 3.0,
+    title: str | None = None,
+    voxel_size: float | None = None,
+) -> Figure:
+    """A grid of slices: one row per view (axial / coronal / sagittal; one row for 2D), one column
+    per quantity in ``maps`` (keys of :data:`QUANTITIES`, e.g. from :func:`derived_maps`), one
+    shared colour bar per column.
+
+    ``indices`` maps an axis to its slice (default: the middle). Pass either raw arrays
+    (``{"recon": x, "std": s, "reference": r}``; |error| and z are derived) or derived maps.
+    """
+    maps = dict(maps)
+    if "reference" in maps and "abs_error" not in maps:
+        maps = derived_maps(maps["recon"], maps["std"], maps["reference"])
+    names = [k for k in QUANTITIES if k in maps]
+    shape = maps[names[0]].shape
+    is3d = len(shape) == 3
+    views = list(axes) if is3d else ["z"]
+    indices = dict(indices or {})
+    for a in views:
+        indices.setdefault(a, shape["zyx".index(a)] // 2 if is3d else 0)
+    scales = display_scales(maps, zscore_limit)
+
+    def extent(a):  # (width, height) of a slice in voxels
+        if not is3d:
+            return shape[1], shape[0]
+        h, w = (shape["zyx".index(d)] for d in _AXIS_DIMS[a])
+        return w, h
+
+    panel_w = 2.35
+    heights = [extent(a)[1] / extent(a)[0] for a in views]
+    fig = _new_figure(panel_w * len(names) + 0.9, panel_w * sum(heights) + 0.75 + 0.15 * len(views) + (0.35 if title else 0))
+    grid = fig.add_gridspec(len(views) + 1, len(names), height_ratios=[*heights, 0.07])
+    for r, a in enumerate(views):
+        for c, name in enumerate(names):
+            ax = fig.add_subplot(grid[r, c])
+            img = take_slice(maps[name], a, indices[a])
+            vmin, vmax = scales[name]
+            im = ax.imshow(img, cmap=QUANTITIES[name][1], vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(QUANTITIES[name][0], fontsize=10)
+            if c == 0:
+                dy, dx = _AXIS_DIMS[a] if is3d else ("y", "x")
+                label = f"{AXES[a]}  ({a} = {indices[a]})\n{dy} ↓  {dx} →" if is3d else f"{dy} ↓  {dx} →"
+                ax.set_ylabel(label, fontsize=9)
+            if r == len(views) - 1:
+                cax = fig.add_subplot(grid[-1, c])
+                cb = fig.colorbar(im, cax=cax, orientation="horizontal",
+                                  extend="both" if name == "zscore" else ("max" if name in ("std", "abs_error") else "neither"))
+                cb.ax.tick_params(labelsize=8)
+                cb.locator = matplotlib.ticker.MaxNLocator(4)
+                cb.update_ticks()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def reliability_diagram(
+    nominal, empirical, *, labels: Sequence[str] | None = None, title: str = "Calibration of the error bars"
+) -> Figure:
+    """Empirical vs nominal coverage of central intervals ``x̂ ± q σ``; the diagonal is perfect
+    calibration. ``nominal``/``empirical`` may be 1D (one method) or lists of 1D (several)."""
+    fig = _new_figure(4.4, 4.2)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="perfectly calibrated")
+    ax.fill_between([0, 1], [0, 0], [0, 1], color="tab:red", alpha=0.06, lw=0)
+    ax.fill_between([0, 1], [0, 1], [1, 1], color="tab:blue", alpha=0.06, lw=0)
+    ax.text(0.97, 0.04, "over-confident\n(σ too small)", ha="right", va="bottom", fontsize=8, color="tab:red")
+    ax.text(0.03, 0.96, "under-confident\n(σ too large)", ha="left", va="top", fontsize=8, color="tab:blue")
+    if np.ndim(nominal[0]) == 0:
+        nominal, empirical = [nominal], [empirical]
+    labels = list(labels) if labels else [None] * len(nominal)
+    for n, e, lab in zip(nominal, empirical, labels):
+        ax.plot(n, e, marker="o", ms=3, lw=1.6, label=lab or "dipuq")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("nominal coverage of x̂ ± qσ")
+    ax.set_ylabel("fraction of voxels with x_ref inside")
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.86), fontsize=8, frameon=False)
+    return fig
+
+
+def std_error_hexbin(std, abs_error, *, spearman: float | None = None, gridsize: int = 45) -> Figure:
+    """Per-voxel ``|error|`` against ``σ`` (log-log hexbin of voxel counts) with the line ``|error| = σ``."""
+    s = np.asarray(std, dtype=np.float64).ravel()
+    e = np.asarray(abs_error, dtype=np.float64).ravel()
+    ok = np.isfinite(s) & np.isfinite(e) & (s > 0) & (e > 0)
+    s, e = s[ok], e[ok]
+    fig = _new_figure(4.8, 4.2)
+    ax = fig.add_subplot()
+    if s.size:
+        lo = max(min(np.percentile(s, 0.1), np.percentile(e, 1)), 1e-12)
+        hi = max(np.percentile(s, 99.9), np.percentile(e, 99.9))
+        lo, hi = lo / 1.5, hi * 1.5
+        hb = ax.hexbin(s, e, gridsize=gridsize, xscale="log", yscale="log", bins="log", cmap="viridis", mincnt=1,
+                       extent=(math.log10(lo), math.log10(hi), math.log10(lo), math.log10(hi)))
+        fig.colorbar(hb, ax=ax, label="voxels per bin")
+        ax.plot([lo, hi], [lo, hi], color="w", lw=2.2)
+        ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls="--", label="|error| = σ")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("posterior std σ")
+    ax.set_ylabel("|error| = |x̂ − x_ref|")
+    title = "Do larger error bars mark larger errors?"
+    if spearman is not None and np.isfinite(spearman):
+        title += f"\nSpearman ρ(σ, |error|) = {spearman:.2f}"
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def loss_curve(
+    iterations,
+    loss,
+    *,
+    psnr: tuple[Sequence[float], Sequence[float]] | None = None,
+    best_iteration: int | None = None,
+    noise_level: float | None = None,
+    ylabel: str = "data misfit (1/m)||A f(θ) − y||²",
+    title: str = "Deep image prior fit",
+) -> Figure:
+    """A training curve against Adam iteration (log scale): the data misfit by default, with
+    optionally ``psnr = (iterations, values)`` against the reference (right axis), the kept
+    iterate θ* and the noise level (the misfit that noise alone produces, σ²)."""
+    it = np.asarray(iterations)
+    fig = _new_figure(6.4, 3.6)
+    ax = fig.add_subplot()
+    ax.plot(it, np.asarray(loss), color="tab:blue", lw=1.4, label="misfit")
+    ax.set_yscale("log")
+    ax.set_xlabel("Adam iteration")
+    ax.set_ylabel(ylabel, color="tab:blue")
+    if noise_level is not None and noise_level > 0:
+        ax.axhline(noise_level, color="tab:blue", ls=":", lw=1.2, label="noise level σ²")
+    if best_iteration is not None and best_iteration >= 0:
+        ax.axvline(best_iteration, color="k", ls="--", lw=1, label=f"kept iterate θ* ({best_iteration})")
+    handles, labels = ax.get_legend_handles_labels()
+    if psnr is not None and len(psnr[0]):
+        ax2 = ax.twinx()
+        ax2.plot(np.asarray(psnr[0]), np.asarray(psnr[1]), color="tab:orange", lw=1.4, label="PSNR vs reference")
+        ax2.set_ylabel("PSNR of f(θ) vs reference [dB]", color="tab:orange")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=len(labels), frameon=False)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=11)
+    return fig
+
+
+def curves_figure(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logy: bool = True,
+) -> Figure:
+    """Several named ``(x, y)`` curves on one axis (e.g. sampler objective per step)."""
+    fig = _new_figure(6.0, 3.4)
+    ax = fig.add_subplot()
+    for name, (x, y) in curves.items():
+        y = np.asarray(y, dtype=np.float64)
+        ax.plot(np.asarray(x), y, lw=1.4, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    return fig
+
+
+def em_trace(g, *, gamma=None, title: str = "EM for the prior variance g") -> Figure:
+    """Prior variance ``g`` after each EM round (log scale), optionally the effective dimension γ̂."""
+    g = np.asarray(g, dtype=np.float64)
+    fig = _new_figure(6.0, 3.4)
+    ax = fig.add_subplot()
+    ax.plot(np.arange(len(g)), g, marker="o", color="tab:purple", lw=1.4, label="g")
+    ax.set_yscale("log")
+    ax.set_xlabel("EM round (0 = initial value)")
+    ax.set_ylabel("prior variance g", color="tab:purple")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if gamma is not None and len(gamma):
+        ax2 = ax.twinx()
+        gm = np.asarray(gamma, dtype=np.float64)
+        ax2.plot(np.arange(1, len(gm) + 1), gm, marker="s", color="tab:green", lw=1.2)
+        ax2.set_ylabel("effective dimension γ̂", color="tab:green")
+    ax.set_title(title, fontsize=11)
+    return fig
+
+
+# -------------------------------------------------------------------------------------------
+# Output
+# -------------------------------------------------------------------------------------------
+
+
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write the figure as a PNG atomically and return the path."""
+    from dipuq.rundir import atomic_write_bytes
+
+    return atomic_write_bytes(path, figure_png(fig, dpi))
+
+
+def array_png(image: np.ndarray, cmap: str, vmin: float, vmax: float) -> bytes:
+    """A 2D array rendered pixel-for-pixel through a colormap, as PNG bytes (no axes)."""
+    img = np.asarray(image, dtype=np.float64)
+    rgba = matplotlib.colormaps[cmap](Normalize(vmin, vmax, clip=True)(img), bytes=True)
+    buf = io.BytesIO()
+    matplotlib.image.imsave(buf, rgba, format="png")
+    return buf.getvalue()
+
+
+def colorbar_png(cmap: str, vmin: float, vmax: float, label: str = "", *, width: float = 2.4, log: bool = False) -> bytes:
+    """A horizontal colour bar with ticks and a label, as PNG bytes."""
+    fig = Figure(figsize=(width, 0.62))
+    FigureCanvasAgg(fig)
+    cax = fig.add_axes((0.06, 0.62, 0.88, 0.3))
+    norm = LogNorm(vmin, vmax) if log else Normalize(vmin, vmax)
+    cb = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal")
+    cb.locator = matplotlib.ticker.MaxNLocator(4)
+    cb.update_ticks()
+    cb.ax.tick_params(labelsize=7, length=2, pad=1)
+    if label:
+        cb.set_label(label, fontsize=7, labelpad=1)
+    return figure_png(fig, dpi=110)

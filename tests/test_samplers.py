@@ -1,0 +1,208 @@
+"""Samplers against the dense posterior on a tiny 2D problem (16², p = 1416, m = 128)."""
+
+import math
+
+import pytest
+import torch
+
+from dipuq.errors import ConfigError, DipuqError, DivergenceError
+from dipuq.linearise import LinearisedModel
+from dipuq.operators.base import MatrixOperator
+from dipuq.posterior import Posterior
+from dipuq.samplers import SamplerConfig, chain_generator, make_sampler
+from dipuq.uncertainty import Moments, UncertaintyMaps
+
+
+def tiny_net(ndim=2, ch=12, seed=0):
+    torch.manual_seed(seed)
+    Conv = torch.nn.Conv2d if ndim == 2 else torch.nn.Conv3d
+    return torch.nn.Sequential(
+        Conv(1, ch, 3, padding=1), torch.nn.GroupNorm(2, ch), torch.nn.SiLU(),
+        Conv(ch, ch, 3, padding=1), torch.nn.GroupNorm(2, ch), torch.nn.SiLU(), Conv(ch, 1, 1),
+    )
+
+
+def tiny_problem(n=16, ch=12, m=128, noise=0.3, g=2.7e-4, ndim=2, seed=0):
+    """Random Gaussian A (m < d: under-determined), a box phantom, Gaussian noise.
+
+    g = 2.7e-4 is the exact evidence maximiser of this problem (see test_em.py), so the
+    posterior is in the regime EM would put it in (effective dimension ≈ 67 of 128).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n,) * ndim
+    d = n**ndim
+    z = torch.randn(1, 1, *shape, generator=gen)
+    A = MatrixOperator(torch.randn(m, d, generator=gen) / math.sqrt(d), shape, (m,))
+    x = torch.zeros(shape)
+    x[(slice(n // 4, 3 * n // 4),) * ndim] = 1.0
+    y = A(x) + noise * torch.randn(m, generator=gen)
+    model = LinearisedModel(tiny_net(ndim, ch, seed), z, A)
+    return Posterior(model, A, y, sigma2=noise**2, g=g, n_probes=None)
+
+
+@pytest.fixture(scope="module")
+def post():
+    return tiny_problem()
+
+
+@pytest.fixture(scope="module")
+def exact(post):
+    ex = make_sampler("exact")
+    return ex, ex.image_variance(post).sqrt()
+
+
+def _dense_H(post):
+    B = make_sampler("exact").dense(post)[1]
+    return B, B.T @ B / post.sigma2 + torch.eye(post.p, dtype=B.dtype) / post.g
+
+
+@pytest.mark.parametrize("ch,m", [(12, 128), (2, 128)])  # m < p (dual Cholesky) and m > p (primal)
+def test_exact_variance_equals_dense_inverse(ch, m):
+    post = tiny_problem(ch=ch, m=m)
+    assert (post.m <= post.p) == (ch == 12)
+    ex = make_sampler("exact")
+    Jt = ex.dense(post)[0]
+    _, H = _dense_H(post)
+    var = (Jt @ torch.linalg.inv(H) @ Jt.T).diagonal()
+    # float64 Woodbury vs direct inverse: agree to ~1e-10 relative (measured); 1e-7 is loose.
+    torch.testing.assert_close(ex.image_variance(post).reshape(-1), var, rtol=1e-7, atol=0)
+
+
+def test_exact_samples_have_the_exact_covariance(post, exact):
+    ex, std = exact
+    res = ex.sample(post, 3000, seed=7)
+    rel = (res.moments.std() - std).abs() / std
+    # 3000 samples: rel. s.e. of a std is 1/sqrt(2·3000) = 1.3 %, median |error| ≈ 0.67·1.3 % = 0.9 %
+    # (measured 0.85 %); 2 % fails if the covariance were off by more than ~2 %.
+    assert rel.median() < 0.02
+    # the distribution-free MC standard error matches the Gaussian one, std/sqrt(2K), to 10 %
+    se = res.moments.std_se()
+    assert ((se / (res.moments.std() / math.sqrt(2 * 3000))).median() - 1).abs() < 0.1
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("sgd", SamplerConfig(n_steps=300, chains_per_batch=32)),
+    ("cg", SamplerConfig(chains_per_batch=32, precond_rank=32)),
+])
+def test_sampler_std_error_is_only_monte_carlo_noise(post, exact, name, cfg):
+    ex, std = exact
+    K = 64
+    ref = ex.sample(post, K, seed=11, keep_z=True)
+    err_exact = ((ref.moments.std() - std).abs() / std).median()
+    res = make_sampler(name, cfg).sample(post, K, seed=11, keep_z=True)
+    err = ((res.moments.std() - std).abs() / std).median()
+    # Same chain seeds, so both estimators see the same Monte Carlo noise (≈ 6 % median error for
+    # K = 64): only solver error can make the sampler worse. Issue #4's bar is 1.25x.
+    assert err <= 1.25 * err_exact
+    # per-sample: the image samples themselves agree (sgd measured 1e-6, cg 3e-4 relative)
+    xs, xe = post.J(res.z), post.J(ref.z)
+    assert (xs - xe).norm() / xe.norm() < 1e-2
+    assert 50 < res.gamma < 100  # effective dimension ≈ 67 of m = 128 (exact tr(σ⁻²MH⁻¹) = 67.4)
+
+
+@pytest.mark.parametrize("name", ["sgd", "cg"])
+def test_linear_model_mean_matches_exact(post, name):
+    B, H = _dense_H(post)
+    r = post.data_residual.reshape(-1).double()
+    u = torch.linalg.solve(H, B.T @ r / post.sigma2)
+    mean = make_sampler(name, SamplerConfig(n_steps=300)).mean(post)
+    # sgd: 300 Nesterov steps reach 1e-6 relative here (measured 4e-7); cg stops at residual
+    # 1e-4 (measured 2e-5 in u); 1e-3 in weights and image is a safe bound for both.
+    assert (mean.u.double() - u).norm() / u.norm() < 1e-3
+    img = post.model.mean.double() + (make_sampler("exact").dense(post)[0] @ (post.w_center.double() + u)).reshape(16, 16)
+    assert (mean.image.double() - img).norm() / img.norm() < 1e-3
+
+
+def test_chain_seed_streams_split_and_merge(post):
+    s = make_sampler("cg", SamplerConfig(chains_per_batch=3))
+    full = s.sample(post, 8, seed=5, keep_z=True)
+    a = s.sample(post, chains=[0, 2, 4, 6], seed=5, keep_z=True)
+    b = make_sampler("cg", SamplerConfig(chains_per_batch=8)).sample(post, chains=[1, 3, 5, 7], seed=5, keep_z=True)
+    # chain k depends only on (seed, k): the split reproduces the union (CG rounding only, 1e-4)
+    torch.testing.assert_close(a.z, full.z[0::2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.z, full.z[1::2], rtol=1e-4, atol=1e-4)
+    merged = a.moments.merge(b.moments)
+    torch.testing.assert_close(merged.variance(), full.moments.variance(), rtol=1e-3, atol=1e-6)
+    g1, g2 = chain_generator(5, 3), chain_generator(5, 3)
+    assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
+    assert not torch.equal(torch.randn(4, generator=chain_generator(5, 3)), torch.randn(4, generator=chain_generator(6, 3)))
+    # a generator gives the run seed; the same generator state gives the same samples
+    r1 = s.sample(post, 2, generator=torch.Generator().manual_seed(0))
+    r2 = s.sample(post, 2, generator=torch.Generator().manual_seed(0))
+    assert r1.seed == r2.seed and torch.equal(r1.moments.s2, r2.moments.s2)
+
+
+def test_sgd_divergence_is_detected(post):
+    # lr·λmax = 3 is beyond Nesterov's stability limit 2(1+μ)/(1+2μ) = 1.36 at μ = 0.9
+    s = make_sampler("sgd", SamplerConfig(n_steps=200, lr_factor=3.0))
+    with pytest.raises(DivergenceError, match="diverged at step"):
+        s.sample(post, 4, seed=0)
+    # a NaN in the data is refused before sampling
+    with pytest.raises(DipuqError, match="NaN"):
+        Posterior(post.model, post.A, torch.full((128,), float("nan")), sigma2=1.0)
+
+
+def test_sgd_diagnostics_and_states(post):
+    s = make_sampler("sgd", SamplerConfig(n_steps=50, chains_per_batch=4))
+    states = list(s.iterate(post, [0, 1, 2, 3, 4], seed=0))
+    assert [st.done for st in states].count(True) == 2  # batches of 4 + 1
+    steps = [st for st in states if not st.done and st.chains == [0, 1, 2, 3]]
+    assert len(steps) == 50 and steps[0].objective.shape == (4,)
+    # the gradient norm falls by orders of magnitude over 50 steps (measured 1e-4 of its start)
+    assert float(steps[-1].grad_norm.max()) < 1e-2 * float(steps[0].grad_norm.min())
+    res = s.sample(post, 4, seed=0)
+    assert len(res.history) == 1 and len(res.history[0]["objective"]) == 50
+
+
+def test_exact_refuses_big_problems_and_bad_config(post):
+    with pytest.raises(DipuqError, match="use sampler 'sgd' or 'cg'"):
+        make_sampler("exact", SamplerConfig(max_dense=1e4)).sample(tiny_problem(ch=8), 2, seed=0)
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        make_sampler("mcmc")
+    with pytest.raises(ConfigError, match="unknown option"):
+        make_sampler("sgd", {"n_stepz": 3})
+    with pytest.raises(ConfigError, match="momentum"):
+        SamplerConfig(momentum=1.0)
+    with pytest.raises(DipuqError, match="Generator"):
+        make_sampler("sgd").sample(post, 2)
+
+
+def test_posterior_save_load_round_trip(post, tmp_path):
+    path = post.with_g(1.5e-4).save(tmp_path / "post.pt")
+    back = Posterior.load(path, post.model, post.A)
+    assert back.g == 1.5e-4 and back.sigma2 == post.sigma2 and back.prior_center == post.prior_center
+    assert torch.equal(back.scale, post.scale) and torch.equal(back.y, post.y)
+    v = torch.randn(2, post.p, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(back.hessian_matvec(v), post.with_g(1.5e-4).hessian_matvec(v))
+    other = tiny_problem(seed=1)
+    with pytest.raises(DipuqError, match="different weights"):
+        Posterior.load(path, other.model, other.A)
+    (tmp_path / "junk.pt").write_text("not a posterior")
+    with pytest.raises(DipuqError, match="cannot read"):
+        Posterior.load(tmp_path / "junk.pt", post.model, post.A)
+
+
+def test_3d_end_to_end(tmp_path):
+    """16³ volume, sparse random A, MC-estimated g-prior, EM round, sgd samples streamed to maps."""
+    gen = torch.Generator().manual_seed(0)
+    n, m = 16, 600
+    d = n**3
+    dense = torch.randn(m, d, generator=gen) * (torch.rand(m, d, generator=gen) < 0.02)
+    A = MatrixOperator(dense.to_sparse_csr(), (n, n, n), (m,))
+    z = torch.randn(1, 1, n, n, n, generator=gen)
+    model = LinearisedModel(tiny_net(3, ch=4), z, A)
+    y = A(model.mean) + 0.1 * torch.randn(m, generator=gen)
+    post = Posterior(model, A, y, sigma2=None, g=1e-3, n_probes=16, generator=gen)
+    assert post.sigma2 == pytest.approx(float((y - A(model.mean)).pow(2).mean()), rel=1e-5)
+    from dipuq.samplers import run_em
+
+    s = make_sampler("sgd", SamplerConfig(n_steps=40, chains_per_batch=4))
+    em = run_em(post, s, n_rounds=1, n_samples=4, seed=0)
+    assert len(em.g_trace) == 2 and em.g_trace[-1] > 0
+    mom = Moments(model.image_shape)
+    res = s.sample(em.posterior, 8, seed=1, moments=mom)
+    assert res.moments is mom and mom.n == 8
+    maps = UncertaintyMaps.from_moments(model.mean, mom)
+    assert maps.std.shape == (16, 16, 16) and (maps.std > 0).all()
+    back = UncertaintyMaps.load(maps.save(tmp_path / "maps.npz"))
+    assert (back.std == maps.std).all() and back.n_samples == 8
