@@ -16,8 +16,9 @@ Coordinates (the dipuq convention, matching ASTRA's 3D convention):
   direction is ``(sin θ, -cos θ, 0)``, the source sits at ``SO (sin θ, -cos θ, 0)``, the detector
   centre at ``OD (-sin θ, cos θ, 0)`` and ``u = det_spacing (cos θ, sin θ, 0)``, ``v = (0, 0,
   det_row_spacing)``. The rotation axis is z. A centre-of-rotation offset ``cor_offset`` (in
-  detector pixels) shifts the detector by ``cor_offset * u``: the rotation axis projects onto
-  column ``(cols - 1)/2 + cor_offset``.
+  detector pixels) says where the rotation axis projects: onto column ``(cols - 1)/2 +
+  cor_offset`` (so the detector centre moves by ``-cor_offset * u``). ASTRA's
+  ``geom_postalignment(g, s)`` is the same with ``s = -cor_offset``.
 
 Angles are radians everywhere inside dipuq; pass ``units="deg"`` at the edges.
 
@@ -188,7 +189,7 @@ class Geometry:
         else:
             r = self.source_origin * np.stack([s, -c, z], 1)
             d = self.origin_detector * np.stack([-s, c, z], 1)
-        d = d + self.cor_offset * u
+        d = d - self.cor_offset * u
         if self.ndim == 2:
             return np.concatenate([r[:, :2], d[:, :2], u[:, :2]], 1)
         v = np.stack([z, z, np.full_like(th, self.det_spacing[0])], 1)

@@ -520,13 +520,14 @@ def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
     sampling = ctx["sampling"]
     curves = {}
     for i, h in enumerate(sampling.get("history", [])[:4]):
-        gn = h.get("grad_norm") or []
-        if len(gn) > 1:
-            curves[f"chains {h['chains'][0]}–{h['chains'][-1]}"] = (np.arange(1, len(gn) + 1), gn)
+        gn = np.asarray(h.get("grad_norm") or [], dtype=np.float64)
+        if len(gn) > 1 and np.isfinite(gn).all() and gn[0] > 0:
+            rel = gn if sampling["method"] == "cg" else gn / gn[0]
+            curves[f"chains {h['chains'][0]}–{h['chains'][-1]}"] = (np.arange(1, len(gn) + 1), rel)
     if curves:
-        what = "relative residual" if sampling["method"] == "cg" else "gradient norm ||∇L(z)||"
+        what = "CG relative residual" if sampling["method"] == "cg" else "||∇L(z_t)|| / ||∇L(z_0)||"
         out["sampler"] = (f"Sampler convergence ({sampling['method']})", viz.curves_figure(
-            curves, xlabel="solver step", ylabel=f"{what} (mean over chains)",
+            curves, xlabel="solver step", ylabel=f"{what}, mean over chains",
             title=f"Posterior sampler ({sampling['method']}): convergence per batch of chains"))
     em = ctx["em"]
     if len(em.get("g_trace", [])) > 1:
@@ -582,6 +583,21 @@ STAGE_FUNCS: dict[str, tuple[Callable[[RunContext, Any], dict], str]] = {
     "figures": (stage_figures, "output"),
     "report": (stage_report, "output"),
 }
+
+
+STAGE_TITLES = {
+    "scan": "scan: preprocessing the projections",
+    "fbp": "fbp: analytic reconstruction (FBP / FDK)",
+    "dip": "dip: fitting the deep image prior",
+    "linearise": "linearise: Jacobian at the fit and g-prior scales",
+    "posterior": "posterior: noise level and EM for the prior variance g",
+    "sampler": "sampler: drawing posterior samples",
+    "maps": "maps: reconstruction and std volumes (NPY, TIFF)",
+    "metrics": "metrics: comparison with the reference",
+    "figures": "figures: PNG slices and diagnostics",
+    "report": "report: report.html",
+}
+_CLEANUP = {"dip": ("fit.ckpt",)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,11 +729,13 @@ def run_pipeline(
         (run.stage_dir(s) / run.MARKER).unlink(missing_ok=True)
     for i, name in enumerate(todo):
         fn, section = STAGE_FUNCS[name]
-        log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {(fn.__doc__ or '').strip().splitlines()[0]}")
+        log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {STAGE_TITLES[name]}")
         t0 = time.perf_counter()
         summary = fn(ctx, getattr(config, section))
         ctx.timings[name] = time.perf_counter() - t0
         run.mark_done(name, key, seconds=ctx.timings[name], summary=to_jsonable(summary or {}))
+        for leftover in _CLEANUP.get(name, ()):  # resume-within-stage files, obsolete once the stage is done
+            run.stage_dir(name).joinpath(leftover).unlink(missing_ok=True)
         if "A" in ctx.values:
             backend_used = ctx.values["A"].backend
         if name != "report":  # the report embeds provenance: keep it current before the report stage

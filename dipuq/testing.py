@@ -26,7 +26,7 @@ __all__ = ["check_adjoint", "check_jvp_vjp", "ellipsoid", "ellipsoid_line_integr
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() * b.double()).sum())
+    return float((a.detach().double() * b.detach().double()).sum())
 
 
 def check_adjoint(op, n_trials: int = 3, generator: torch.Generator | None = None) -> float:
@@ -65,7 +65,7 @@ def check_jvp_vjp(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     w = torch.randn(fx.shape, generator=gen, dtype=fx.dtype).to(fx.device)
     _, vjp_fn = torch.func.vjp(f, x)
     (JTw,) = vjp_fn(w)
-    denom = float(Jv.double().norm() * w.double().norm())
+    denom = float(Jv.detach().double().norm() * w.double().norm())
     err = abs(_dot(Jv, w) - _dot(v, JTw))
     return err / denom if denom > 0 else err
 

@@ -25,6 +25,15 @@ from dipuq.networks import NetworkConfig, UNet
 from dipuq.operators import MatrixOperator, RayTransform, fbp
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convolutions: one thread is faster than two and immune to oversubscription on a busy box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def psnr(x, ref):
     return float(10 * torch.log10(ref.max() ** 2 / (x - ref).square().mean()))
 
@@ -63,12 +72,12 @@ def _fit(A, y, cfg, seed=1, **kw):
 
 def test_dip_beats_fbp_on_sparse_angles(sparse2d):
     A, y, x, _ = sparse2d
-    cfg = DipConfig(iterations=1000, lr=1e-3, gamma=1.0,
+    cfg = DipConfig(iterations=800, lr=2e-3, gamma=1.0,
                     network=NetworkConfig(scales=3, channels=16, skip_channels=4))
     _, res = _fit(A, y, cfg)
     p_dip, p_fbp = psnr(res.recon, x), psnr(fbp(A, y), x)
-    # measured: FBP 16.9 dB, DIP 18.2 dB (still rising at 1000 steps; TV-LS reaches 20.9 dB).
-    # A 0.5 dB margin is well outside seed-to-seed variation of the fit (±0.2 dB over seeds 1-3).
+    # measured: FBP 16.9 dB (streak-limited); DIP 17.97 / 18.10 / 17.82 dB for net seeds 1 / 2 / 3
+    # (margins 0.9-1.2 dB, still rising at 800 steps; TV-LS reaches 20.9 dB). Require 0.5 dB.
     assert p_dip > p_fbp + 0.5, (p_dip, p_fbp)
     assert res.recon.shape == (32, 32)
     assert res.best_iteration == int(np.argmin(res.history["loss"]))

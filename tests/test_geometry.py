@@ -17,7 +17,7 @@ def test_vectors_follow_astra_formulas():
     assert np.allclose(r, 100 * np.array([np.sin(th), -np.cos(th), 0]))
     assert np.allclose(u, 1.5 * np.array([np.cos(th), np.sin(th), 0]))
     assert np.allclose(v, [0, 0, 2.0])
-    assert np.allclose(d, 50 * np.array([-np.sin(th), np.cos(th), 0]) + 2.0 * u)
+    assert np.allclose(d, 50 * np.array([-np.sin(th), np.cos(th), 0]) - 2.0 * u)
 
 
 def test_round_trip_and_subset():
@@ -44,3 +44,15 @@ def test_round_trip_and_subset():
 def test_bad_geometry_is_a_clear_error(kwargs, message):
     with pytest.raises(DipuqError, match=message):
         Geometry(**kwargs)
+
+
+def test_cor_offset_moves_the_axis_projection():
+    """The rotation axis (origin) projects onto column (cols-1)/2 + cor_offset."""
+    for g in (Geometry.parallel2d([0.4], (8, 8), 11, cor_offset=1.5),
+              Geometry.fan2d([0.4], (8, 8), 11, 50.0, 30.0, cor_offset=1.5)):
+        r, d, u = np.split(g.to_vectors()[0], 3)
+        # the ray through the origin meets the detector line at d + t u; parallel: along r, fan: from r
+        direction = r if g.beam == "parallel" else -r
+        A = np.stack([u, -direction], 1)
+        t, _ = np.linalg.solve(A, -d)
+        assert np.isclose(t + (11 - 1) / 2, (11 - 1) / 2 + 1.5)

@@ -270,6 +270,16 @@ def test_auto_choice_and_available_backends():
     assert RayTransform(g2).range_shape == g2.proj_shape and RayTransform(g2).domain_shape == g2.vol_shape
 
 
+def test_auto_prefers_cuda_when_available(monkeypatch):
+    """The preference order (no ASTRA call: only the registry is asked)."""
+    from dipuq.operators import ray
+
+    monkeypatch.setattr(ray, "cuda_available", lambda: True)
+    assert ray.available_backends(GEOMS_2D["fan"]()) == ["astra-cuda", "astra-cpu", "cpu-cone"]
+    gc = Geometry.cone3d(_angles(4, True), (6, 6, 6), (6, 8), source_origin=30, origin_detector=10)
+    assert ray.available_backends(gc) == ["astra-cuda", "cpu-cone"]
+
+
 def test_bad_input():
     g = GEOMS_2D["parallel"]()
     A = RayTransform(g)
@@ -370,17 +380,18 @@ def _disc_case(g, centre, axes):
 def test_fbp_is_quantitative(kind):
     if kind == "parallel":
         g = Geometry.parallel2d(_angles(90), (48, 48), voxel_size=0.5, det_spacing=0.5, cor_offset=3)
-        A, ph, y = _disc_case(g, (1, -2), (7, 5))
+        A, ph, y = _disc_case(g, (1, -2), (9, 7))
     else:
         g = Geometry.fan2d(_angles(120, True), (48, 48), 72, source_origin=80, origin_detector=40, cor_offset=2)
         A, ph, y = _disc_case(g, (3, -2), (15, 11))
     mask = ph > 0.999
     outside = ph == 0
-    for filt, tol in [("ramp", 0.03), ("shepp-logan", 0.03), ("hann", 0.04)]:
+    # interior mean vs the true value 1, measured (parallel / fan): ramp 0.989 / 0.998,
+    # shepp-logan 0.986 / 0.995, hann 0.975 / 0.986 (smoother filters blur the edge into the mask)
+    for filt, tol in [("ramp", 0.02), ("shepp-logan", 0.025), ("hann", 0.04)]:
         rec = fbp(A, y, filter=filt)
-        # interior mean within 3 % of 1 (measured ramp: 1.3 % parallel, 0.2 % fan; smoother filters blur more)
         assert abs(float(rec[mask].mean()) - 1) < tol, filt
-        assert float(rec[outside].abs().mean()) < 0.05  # background: measured 0.006 / 0.03
+        assert float(rec[outside].abs().mean()) < 0.05  # background: measured 0.012 / 0.031
     rec = analytic(A, torch.stack([y, 2 * y]))
     torch.testing.assert_close(rec[1], 2 * rec[0], rtol=1e-4, atol=1e-4)
 
@@ -402,10 +413,10 @@ def test_iterative(method):
     y2 = torch.stack([y, 0.5 * y])  # batch
     if method == "cgls":
         rec = cgls(A, y2, 30)
-        tol = 0.05  # measured 0.9 % after 30 iterations on noise-free data
+        tol = 0.05  # measured 3.3 % after 30 iterations on noise-free data
     else:
         rec = sirt(A, y2, 200, nonneg=True)
-        tol = 0.12  # SIRT converges slowly: measured 6 % after 100 iterations
+        tol = 0.05  # measured 2.7 % after 200 iterations
     for i, s in enumerate([1.0, 0.5]):
         err = float((rec[i] - s * ph).norm() / (s * ph).norm())
         assert err < tol, (method, i, err)

@@ -73,7 +73,8 @@ class Dataset:
                  f"  size:       {_human(self.size)} in {len(self.files)} file(s)",
                  f"  licence:    {self.licence}", f"  cite:       {self.citation}", f"  source:     {self.source}"]
         lines += [f"  {k + ':':<11} {v}" for k, v in self.facts.items()]
-        lines.append(f"  files:      {self.files[0].url}" + (f" (+{len(self.files) - 1} more)" if len(self.files) > 1 else ""))
+        more = f" (+{len(self.files) - 1} more)" if len(self.files) > 1 else ""
+        lines.append(f"  files:      {self.files[0].url}{more}")
         return "\n".join(lines)
 
 
@@ -226,7 +227,8 @@ register(Dataset(
     source=f"https://github.com/DiamondLightSource/Savu/tree/{_SAVU_COMMIT}/test_data/data/image_test",
     facts={
         "beam": "parallel (synchrotron); the rotation axis runs across detector rows: row r is slice r's sinogram",
-        "angles": "91 projections, -88.2° … 91.8° in 2° steps = lines 10 … 100 (0-based) of angles.txt (110 lines)",
+        "angles": "91 projections, -88.2° … 91.8° in 2° steps = lines 10 … 100 (0-based) "
+                  "of angles.txt (110 lines)",
         "detector": "135 rows × 160 columns, uint16; one flat and one dark field (pixel (0, 0) is dead)",
         "cor": "axis at column 85.8 (0-based pixel centres; 86.25 of 160 in Savu's convention), 6.3 px right of centre",
         "preprocess": "-log((P - D) / (F - D)), ratio clipped at 1e-3, dead pixels interpolated; "

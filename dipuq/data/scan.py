@@ -256,7 +256,8 @@ class Scan:
         d = dict(d)
         unknown = set(d) - _NPZ_KEYS
         if unknown:
-            raise DataError(f"{source}: unknown keys {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(_NPZ_KEYS))})")
+            raise DataError(f"{source}: unknown keys {', '.join(sorted(unknown))} "
+                            f"(allowed: {', '.join(sorted(_NPZ_KEYS))})")
         for key in ("projections", "geometry", "volume_shape"):
             if key not in d:
                 raise DataError(f"{source}: missing key {key!r}")
@@ -298,7 +299,8 @@ class Scan:
         if "flat" in d or "dark" in d:
             if "flat" not in d or "dark" not in d:
                 raise DataError(f"{source}: raw projections need both 'flat' and 'dark'")
-            flat, dark = _average_fields(d["flat"], geometry.det_shape, "flat"), _average_fields(d["dark"], geometry.det_shape, "dark")
+            flat = _average_fields(d["flat"], geometry.det_shape, "flat")
+            dark = _average_fields(d["dark"], geometry.det_shape, "dark")
             floor = floor if floor is not None else float(meta.get("floor", DEFAULT_FLOOR))
             counts = _as_f32(p, "projections")
             check_raw_shapes(counts, flat, dark, geometry)

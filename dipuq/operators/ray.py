@@ -59,7 +59,7 @@ BACKENDS: dict[str, type[RayTransform]] = {}
 def available_backends(geometry: Geometry | None = None) -> list[str]:
     """Backend keys usable on this machine (for ``geometry``, if given), fastest first."""
     out = []
-    for key, cls in BACKENDS.items():
+    for key, cls in sorted(BACKENDS.items(), key=lambda kv: kv[1].priority):
         if cls.requires_cuda and not cuda_available():
             continue
         if geometry is not None and cls.unsupported(geometry) is not None:
@@ -84,6 +84,7 @@ class RayTransform(LinearOperator):
 
     key: str = ""
     requires_cuda: bool = False
+    priority: int = 100  # lower = preferred by "auto"
     geometry: Geometry
     backend: str
 
@@ -102,6 +103,8 @@ class RayTransform(LinearOperator):
             raise DipuqError(f"unknown ray-transform backend {backend!r}: use 'auto' or one of {', '.join(BACKENDS)}")
         if backend == "auto":
             ok = available_backends(geometry)
+            if device is not None and torch.device(device).type != "cuda":
+                ok = [k for k in ok if not BACKENDS[k].requires_cuda]
             if not ok:  # pragma: no cover - cpu-cone takes every geometry
                 raise DipuqError(f"no backend supports {geometry.describe()}")
             backend = ok[0]
@@ -244,6 +247,8 @@ class AstraCpuTransform(_SparseTransform, key="astra-cpu"):
     × dense product.
     """
 
+    priority = 10
+
     @classmethod
     def unsupported(cls, g):
         if g.ndim == 2:
@@ -302,6 +307,7 @@ class ConeCpuTransform(_SparseTransform, key="cpu-cone"):
     """
 
     step: float = 0.5
+    priority = 20
 
     def __init__(self, geometry, backend="cpu-cone", device=None, dtype=torch.float32):
         super().__init__(geometry, backend, device, dtype)
@@ -328,6 +334,7 @@ class AstraCudaTransform(RayTransform, key="astra-cuda"):
     """
 
     requires_cuda = True
+    priority = 0
 
     def __new__(cls, *a, **kw):  # direct construction must not bypass the CUDA check
         _astra.require_cuda("backend 'astra-cuda'")

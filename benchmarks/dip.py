@@ -1,0 +1,185 @@
+"""Benchmark one DIP iteration against its floor, measured in the same run.
+
+    python benchmarks/dip.py [--quick] [--threads N] [--iters N]
+
+The floor of a DIP iteration is the unavoidable work: one network forward + backward, one A
+(forward) and one Aᵀ (in the backward pass) — timed as ``loss = mean((A f(z) − y)²);
+loss.backward()``. A DIP iteration (:func:`dipuq.dip.fit_dip`) adds the TV term, Adam's update,
+the best-iterate snapshot and the bookkeeping; the target is overhead ≤ 10 %.
+
+Cases: 2D 128² (60 angles) and 3D 32³ (parallel, 32 angles) on CPU; 3D 128³ (cone, 128 views)
+on a GPU when ASTRA CUDA is usable. Each case runs in a fresh subprocess so that its peak resident
+memory (``resource.ru_maxrss``) is its own; on the GPU the peak is
+``torch.cuda.max_memory_allocated``. Iteration and floor are timed in interleaved rounds and the
+medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+CASES = {
+    # name: (ndim, vol, angles, beam, network channels, scales, device)
+    "2d-128": (2, (128, 128), 60, "parallel", 32, 4, "cpu"),
+    "3d-32": (3, (32, 32, 32), 32, "parallel", 16, 3, "cpu"),
+    "3d-128-gpu": (3, (128, 128, 128), 128, "cone", 32, 4, "cuda"),
+}
+
+
+def build_case(name: str):
+    from dipuq.data.phantoms import shepp_logan, simulate_scan
+    from dipuq.dip import DipConfig, make_input
+    from dipuq.geometry import Geometry
+    from dipuq.networks import NetworkConfig, UNet
+    from dipuq.operators import RayTransform
+
+    ndim, vol, n_ang, beam, ch, scales, device = CASES[name]
+    angles = np.linspace(0, np.pi if beam == "parallel" else 2 * np.pi, n_ang, endpoint=False)
+    if ndim == 2:
+        geo = Geometry.parallel2d(angles, vol)
+    elif beam == "parallel":
+        geo = Geometry.parallel3d(angles, vol)
+    else:
+        n = vol[0]
+        geo = Geometry.cone3d(angles, vol, (n, int(n * 1.5)), source_origin=4.0 * n, origin_detector=2.0 * n)
+    A = RayTransform(geo, backend="astra-cuda" if device == "cuda" else "auto")
+    scan = simulate_scan(shepp_logan(vol), geo, operator=A, noise_level=0.05,
+                         generator=torch.Generator().manual_seed(0))
+    y = torch.as_tensor(scan.projections, device=A.device)
+    cfg = DipConfig(iterations=10**6, lr=1e-3, gamma=1e-2,
+                    network=NetworkConfig(scales=scales, channels=ch, skip_channels=4))
+    g = torch.Generator().manual_seed(0)
+    net = UNet.from_config(cfg.network, ndim, generator=g).to(A.device)
+    z = make_input(A, y, cfg, g)
+    return A, y, net, z, cfg, g
+
+
+def run_case(name: str, iters: int, rounds: int) -> dict:
+    from dipuq.dip import fit_dip
+
+    A, y, net, z, cfg, g = build_case(name)
+    cuda = A.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def floor_step():
+        x = net(z).reshape(A.domain_shape)
+        loss = (A(x) - y).square().mean()
+        net.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.item()  # the DIP loop reads the loss every step, so the floor does too
+
+    states = fit_dip(net, A, y, z, cfg, g)
+    for _ in range(3):  # warm-up: allocator, ASTRA/CSR caches, Adam state
+        floor_step()
+        next(states)
+    t_floor, t_iter = [], []
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            floor_step()
+        sync()
+        t_floor.append((time.perf_counter() - t0) / iters)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            next(states)
+        sync()
+        t_iter.append((time.perf_counter() - t0) / iters)
+    states.close()
+    # components of the floor, for the record
+    x = net(z).detach().reshape(A.domain_shape)
+
+    def timed(fn, n=max(3, iters // 2)):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    with torch.no_grad():
+        t_A = timed(lambda: A(x))
+        t_AT = timed(lambda: A.T(y))
+    f, b = float(np.median(t_floor)), float(np.median(t_iter))
+    out = {
+        "case": name, "device": str(A.device), "backend": getattr(A, "backend", "?"),
+        "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in net.parameters()),
+        "floor_ms": 1e3 * f, "iter_ms": 1e3 * b, "overhead": b / f - 1.0,
+        "A_ms": 1e3 * t_A, "AT_ms": 1e3 * t_AT,
+        "peak_mem_mib": (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "mem_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
+    }
+    return out
+
+
+def gpu_ok() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from dipuq.operators import cuda_available
+
+    return cuda_available()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer timed iterations")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--iters", type=int, default=None, help="iterations per timed round")
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    iters = args.iters or (5 if args.quick else 10)
+    rounds = 3 if args.quick else 5
+
+    if args.case:
+        print(json.dumps(run_case(args.case, iters, rounds)))
+        return 0
+
+    names = [n for n in CASES if CASES[n][6] == "cpu"]
+    if gpu_ok():
+        names.append("3d-128-gpu")
+    else:
+        print("# no usable CUDA device / ASTRA CUDA: skipping the 3D 128³ GPU case")
+    rows = []
+    for n in names:
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", n, "--threads", str(args.threads),
+               "--iters", str(iters)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"# case {n} failed:\n{proc.stderr[-2000:]}")
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    hdr = (f"{'case':<12} {'device':<7} {'backend':<11} {'params':>8} {'A ms':>8} {'Aᵀ ms':>8} "
+           f"{'floor ms':>9} {'iter ms':>9} {'iter/floor':>10} {'overhead':>9} {'peak MiB':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        flag = "" if r["overhead"] <= 0.10 else "  > 10 %"
+        print(f"{r['case']:<12} {r['device']:<7} {r['backend']:<11} {r['params']:>8d} {r['A_ms']:>8.2f} "
+              f"{r['AT_ms']:>8.2f} {r['floor_ms']:>9.2f} {r['iter_ms']:>9.2f} {r['iter_ms'] / r['floor_ms']:>10.3f} "
+              f"{100 * r['overhead']:>8.1f}%{' ' if not flag else ''}{r['peak_mem_mib']:>9.0f}{flag}")
+    print(f"# floor = net forward + backward + one A + one Aᵀ; medians of {rounds} interleaved rounds of "
+          f"{iters} iterations; {args.threads} CPU threads; peak memory = process max RSS (CPU) / "
+          "torch.cuda.max_memory_allocated (GPU)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Sample-based EM for g against the exact evidence maximiser on the tiny 2D problem."""
+
+import math
+
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+
+from dipuq.samplers import SamplerConfig, iterate_em, make_sampler, run_em
+from test_samplers import tiny_problem
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    post = tiny_problem(g=1.0)
+    ex = make_sampler("exact")
+    res = minimize_scalar(lambda lg: -ex.log_evidence(post, math.exp(lg)), bounds=(math.log(1e-8), math.log(1e2)),
+                          method="bounded", options={"xatol": 1e-5})
+    g_star = math.exp(res.x)
+    # the bounded search found an interior maximum: a log-spaced grid agrees to within one step
+    grid = torch.logspace(-6, -1, 51)
+    le = [ex.log_evidence(post, float(g)) for g in grid]
+    g_grid = float(grid[max(range(len(le)), key=le.__getitem__)])
+    assert abs(math.log(g_grid / g_star)) <= math.log(10) / 10
+    return post, g_star
+
+
+def test_log_evidence_primal_and_dual_forms_agree(setup):
+    post, g_star = setup
+    small = tiny_problem(ch=2)  # p = 56 < m = 128: determinant lemma in p dimensions
+    ex = make_sampler("exact")
+    B = ex.dense(small)[1]
+    S = g_star * B @ B.T + small.sigma2 * torch.eye(small.m, dtype=B.dtype)
+    r = small.data_residual.reshape(-1).double()
+    direct = torch.distributions.MultivariateNormal(torch.zeros_like(r), S).log_prob(r)
+    assert ex.log_evidence(small, g_star) == pytest.approx(float(direct), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["cg", "exact"])
+def test_em_converges_to_evidence_maximiser(setup, name):
+    post, g_star = setup
+    sampler = make_sampler(name, SamplerConfig(chains_per_batch=64))
+    res = run_em(post, sampler, n_rounds=40, n_samples=64, seed=3, rtol=1e-4)
+    # 64 samples: γ̂ has ≈ 1 % Monte Carlo error and the fixed point amplifies it (measured: 1.3 %
+    # off g* after 18 rounds for cg and exact with 64 samples; 18 % with 16); issue #4's bar is 10 %.
+    assert abs(res.g_trace[-1] / g_star - 1) < 0.10
+    assert res.posterior.g == res.g_trace[-1]
+    assert all(1 <= gm <= post.m - 1 for gm in res.gamma_trace)
+
+
+def test_em_with_sgd_warm_starts(setup):
+    post, g_star = setup
+    sampler = make_sampler("sgd", SamplerConfig(n_steps=60, chains_per_batch=64))
+    states = list(iterate_em(post.with_g(2 * g_star), sampler, n_rounds=6, n_samples=64, seed=3))
+    gs = [st.g_new for st in states]
+    # from 2 g* the MacKay fixed-point iteration halves the gap per round (measured g/g* = 1.43,
+    # 1.22, 1.12, 1.07, 1.05, 1.03): within 10 % after 6 rounds, moving monotonically to g*.
+    assert abs(gs[-1] / g_star - 1) < 0.10
+    assert all(a >= b for a, b in zip(gs, gs[1:]))
