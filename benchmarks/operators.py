@@ -1,6 +1,6 @@
 """Benchmark the ray-transform backends: A + Aᵀ time against calling ASTRA once per image.
 
-    python benchmarks/operators.py [--quick] [--threads N]
+    python benchmarks/operators.py [--quick] [--threads N]   (default 1 thread, like ASTRA CPU)
 
 Prints one table. Rows:
 - 2D 128², 60 angles: astra-cpu sparse CSR pair (batch 1 and per image in a batch of 8) vs one
@@ -97,7 +97,8 @@ def net_jvp_vjp_time(n, repeat) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, skip the 64³ cone case")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: ASTRA's CPU projectors are single-threaded too)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rep = 3 if args.quick else 7

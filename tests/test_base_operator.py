@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
+from dipuq.errors import DipuqError
 from dipuq.operators import MatrixOperator
 
 # float64 throughout: these are algebraic identities, so the only error is round-off (~1e-15).
@@ -48,9 +49,9 @@ def test_torch_func_rules(op):
 
 def test_shape_and_dtype_errors(op):
     A, _ = op
-    with pytest.raises(ValueError, match=r"expects trailing shape \(2, 2\)"):
+    with pytest.raises(DipuqError, match=r"expects trailing shape \(2, 2\)"):
         A(torch.zeros(3, 3, dtype=torch.float64))
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(DipuqError, match="dtype"):
         A(torch.zeros(2, 2, dtype=torch.float32))
-    with pytest.raises(ValueError, match="cannot compose"):
+    with pytest.raises(DipuqError, match="cannot compose"):
         A @ A

@@ -133,12 +133,12 @@ def test_resume_after_interrupt(scan2d, tmp_path, monkeypatch, capsys):
     run = tmp_path / "interrupted"
     argv = ["reconstruct", str(scan2d), "--out", str(run), "--device", "cpu", *_sets()]
     real_sample = samplers.Sampler.sample
-    batches = []
+    batches, interrupt = [], [True]
 
     def interrupting(self, post, *a, chains=None, **kw):
         if chains is not None:  # the sampler stage (EM calls sample with n_samples instead)
             batches.append(list(chains))
-            if chains[0] == 2:
+            if chains[0] == 2 and interrupt[0]:
                 raise KeyboardInterrupt
         return real_sample(self, post, *a, chains=chains, **kw)
 
@@ -160,6 +160,7 @@ def test_resume_after_interrupt(scan2d, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dipuq.posterior, "gprior_scale", boom)
     monkeypatch.setattr(samplers, "iterate_em", boom)
     batches.clear()
+    interrupt[0] = False
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "resuming" in err and "continuing from 'sampler'" in err

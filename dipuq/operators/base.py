@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from dipuq.errors import DipuqError
+
 __all__ = ["LinearOperator", "MatrixOperator", "ComposedOperator", "AdjointOperator"]
 
 
@@ -118,14 +120,14 @@ class LinearOperator:
         k = len(in_shape)
         if tuple(x.shape[x.ndim - k:]) != tuple(in_shape) or x.ndim < k:
             what = "Aᵀ" if adjoint else "A"
-            raise ValueError(
+            raise DipuqError(
                 f"{type(self).__name__}: {what} expects trailing shape {tuple(in_shape)}, "
                 f"got a tensor of shape {tuple(x.shape)}"
             )
         lead = x.shape[: x.ndim - k]
         xb = x.reshape(-1, *in_shape)
         if xb.dtype != self.dtype:
-            raise TypeError(f"{type(self).__name__}: expects dtype {self.dtype}, got {x.dtype}")
+            raise DipuqError(f"{type(self).__name__}: expects dtype {self.dtype}, got {x.dtype}")
         out = self._adjoint(xb) if adjoint else self._apply(xb)
         return out.reshape(*lead, *out_shape)
 
@@ -157,7 +159,7 @@ class ComposedOperator(LinearOperator):
 
     def __init__(self, outer: LinearOperator, inner: LinearOperator):
         if tuple(outer.domain_shape) != tuple(inner.range_shape):
-            raise ValueError(
+            raise DipuqError(
                 f"cannot compose: {inner.range_shape} output does not match {outer.domain_shape} input"
             )
         self.outer, self.inner = outer, inner
@@ -183,7 +185,7 @@ class MatrixOperator(LinearOperator):
         self.domain_shape = tuple(domain_shape) if domain_shape is not None else (d,)
         self.range_shape = tuple(range_shape) if range_shape is not None else (m,)
         if math.prod(self.domain_shape) != d or math.prod(self.range_shape) != m:
-            raise ValueError(f"matrix of shape {(m, d)} does not fit {self.domain_shape} -> {self.range_shape}")
+            raise DipuqError(f"matrix of shape {(m, d)} does not fit {self.domain_shape} -> {self.range_shape}")
         self.dtype, self.device = matrix.dtype, matrix.device
         self.sparse = matrix.layout != torch.strided
         if self.sparse:

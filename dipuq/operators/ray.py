@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -180,8 +181,10 @@ def _to_torch_csr(M, dtype, device) -> torch.Tensor:
     crow = torch.from_numpy(np.asarray(M.indptr)).to(idx)
     col = torch.from_numpy(np.asarray(M.indices)).to(idx)
     val = torch.from_numpy(np.asarray(M.data)).to(dtype)
-    t = torch.sparse_csr_tensor(crow, col, val, size=M.shape, check_invariants=False)
-    return t.to(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        t = torch.sparse_csr_tensor(crow, col, val, size=M.shape, check_invariants=False)
+        return t.to(device)
 
 
 def _csr_pair(M, dtype, device):
