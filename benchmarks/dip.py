@@ -10,8 +10,8 @@ the best-iterate snapshot and the bookkeeping; the target is overhead ≤ 10 %.
 Cases: 2D 128² (60 angles) and 3D 32³ (parallel, 32 angles) on CPU; 3D 128³ (cone, 128 views)
 on a GPU when ASTRA CUDA is usable. Each case runs in a fresh subprocess so that its peak resident
 memory (``resource.ru_maxrss``) is its own; on the GPU the peak is
-``torch.cuda.max_memory_allocated``. Iteration and floor are timed in interleaved rounds and the
-minimum over rounds reported (the least-disturbed estimate on a shared machine).
+``torch.cuda.max_memory_allocated``. Floor steps and DIP iterations alternate one by one (so both
+see the same machine load) and the medians of the per-step times are compared.
 """
 
 from __future__ import annotations
@@ -86,19 +86,19 @@ def run_case(name: str, iters: int, rounds: int) -> dict:
     for _ in range(3):  # warm-up: allocator, ASTRA/CSR caches, Adam state
         floor_step()
         next(states)
+    # Paired, finely interleaved timing: floor step, DIP iteration, floor step, ... so that both
+    # see the same machine load; the medians of the per-step times are compared.
     t_floor, t_iter = [], []
-    for _ in range(rounds):
+    for _ in range(rounds * iters):
         sync()
         t0 = time.perf_counter()
-        for _ in range(iters):
-            floor_step()
+        floor_step()
         sync()
-        t_floor.append((time.perf_counter() - t0) / iters)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            next(states)
+        t1 = time.perf_counter()
+        next(states)
         sync()
-        t_iter.append((time.perf_counter() - t0) / iters)
+        t_floor.append(t1 - t0)
+        t_iter.append(time.perf_counter() - t1)
     states.close()
     # components of the floor, for the record
     x = net(z).detach().reshape(A.domain_shape)
@@ -114,8 +114,7 @@ def run_case(name: str, iters: int, rounds: int) -> dict:
     with torch.no_grad():
         t_A = timed(lambda: A(x))
         t_AT = timed(lambda: A.T(y))
-    # min over rounds: the least-disturbed estimate of each cost on a shared machine (timeit's rule)
-    f, b = float(np.min(t_floor)), float(np.min(t_iter))
+    f, b = float(np.median(t_floor)), float(np.median(t_iter))
     out = {
         "case": name, "device": str(A.device), "backend": getattr(A, "backend", "?"),
         "threads": torch.get_num_threads(),
@@ -177,8 +176,8 @@ def main(argv=None) -> int:
         print(f"{r['case']:<12} {r['device']:<7} {r['backend']:<11} {r['params']:>8d} {r['A_ms']:>8.2f} "
               f"{r['AT_ms']:>8.2f} {r['floor_ms']:>9.2f} {r['iter_ms']:>9.2f} {r['iter_ms'] / r['floor_ms']:>10.3f} "
               f"{100 * r['overhead']:>8.1f}%{' ' if not flag else ''}{r['peak_mem_mib']:>9.0f}{flag}")
-    print(f"# floor = net forward + backward + one A + one Aᵀ; min of {rounds} interleaved rounds of "
-          f"{iters} iterations; {args.threads} CPU threads; peak memory = process max RSS (CPU) / "
+    print(f"# floor = net forward + backward + one A + one Aᵀ; medians over {rounds * iters} alternating "
+          f"floor/DIP steps; {args.threads} CPU threads; peak memory = process max RSS (CPU) / "
           "torch.cuda.max_memory_allocated (GPU)")
     return 0
 

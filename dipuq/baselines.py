@@ -16,9 +16,13 @@ name with :func:`make_baseline` (registry :data:`BASELINES`):
 
 Example::
 
-    >>> base = make_baseline("tv", lam=0.1, n_iter=300)
-    >>> res = base.reconstruct(A, y)
-    >>> res.recon.shape == A.domain_shape
+    >>> from dipuq.operators import MatrixOperator
+    >>> g = torch.Generator().manual_seed(0)
+    >>> A = MatrixOperator(torch.randn(40, 64, generator=g), (8, 8), (40,))
+    >>> y = A(torch.rand(8, 8, generator=g))
+    >>> res = make_baseline("tv", lam=0.1, n_iter=300).reconstruct(A, y)
+    >>> res.recon.shape, res.std
+    (torch.Size([8, 8]), None)
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ class Baseline:
 
 def _validate(A, y: torch.Tensor) -> torch.Tensor:
     rng = tuple(A.range_shape)
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
     if tuple(y.shape) != rng:
         ys = tuple(y.shape)
         while len(ys) > len(rng) and ys[0] == 1:

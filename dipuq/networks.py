@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -135,9 +135,10 @@ class ChannelDropout(nn.Module):
         if not self.active or self.p == 0.0:
             return x
         shape = (*x.shape[:2], *(1,) * self.ndim)
-        keep = torch.empty(shape, dtype=x.dtype, device=x.device)
-        keep.bernoulli_(1.0 - self.p, generator=self.generator)
-        return x * keep / (1.0 - self.p)
+        gen = self.generator
+        dev = gen.device if gen is not None else x.device  # e.g. a CPU generator for a CUDA net
+        keep = torch.empty(shape, dtype=x.dtype, device=dev).bernoulli_(1.0 - self.p, generator=gen)
+        return x * keep.to(x.device) / (1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, active={self.active}"

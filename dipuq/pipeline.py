@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -130,6 +130,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -536,16 +537,17 @@ def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
 
 
 def stage_figures(ctx: RunContext, cfg) -> dict:
-    """PNG figures in ``figures/`` (and kept in memory for the report)."""
+    """PNG figures in ``figures/``."""
     from dipuq import viz
 
     if not cfg.figures:
         return {"skipped": "output.figures = false"}
-    written = []
+    written = {}
     for name, (caption, fig) in _figure_set(ctx, cfg).items():
         viz.save_figure(fig, ctx.run.path("figures", f"{name}.png"), dpi=cfg.dpi)
-        written.append(f"figures/{name}.png")
-    return {"files": written}
+        written[name] = caption
+    atomic_write_json(ctx.path("figures", "captions.json"), written)
+    return {"files": [f"figures/{n}.png" for n in written]}
 
 
 def stage_report(ctx: RunContext, cfg) -> dict:
@@ -557,9 +559,15 @@ def stage_report(ctx: RunContext, cfg) -> dict:
         return {"skipped": "output.report = false"}
     scan, maps = ctx["scan"], ctx["maps"]
     figures = {}
-    for name, (caption, fig) in _figure_set(ctx, cfg).items():
-        if name != "slices":
-            figures[caption] = viz.figure_png(fig, dpi=90)
+    captions = ctx.path("figures", "captions.json")
+    if cfg.figures and captions.exists():  # reuse the PNGs the figures stage wrote
+        for name, caption in json.loads(captions.read_text()).items():
+            if name != "slices":
+                figures[caption] = ctx.run.path("figures", f"{name}.png").read_bytes()
+    else:
+        for name, (caption, fig) in _figure_set(ctx, cfg).items():
+            if name != "slices":
+                figures[caption] = viz.figure_png(fig, dpi=cfg.dpi)
     prov_path = ctx.run.path("provenance.json")
     provenance = json.loads(prov_path.read_text()) if prov_path.exists() else {}
     sub = f"{scan.name or 'scan'} · {scan.geometry.describe()} · {maps.n_samples} posterior samples"

@@ -614,6 +614,8 @@ def iterate_em(
     n_samples: int = 16,
     seed: int = 0,
     rtol: float = 0.0,
+    sample_fn: Callable[..., SampleResult] | None = None,
+    sync: Callable[[float], float] | None = None,
 ) -> Generator[EMState, None, Posterior]:
     """Sample-based EM for the prior variance g (σ² fixed), one :class:`EMState` per round.
 
@@ -621,16 +623,25 @@ def iterate_em(
     (same chain seeds every round, warm-started), sets γ̂ = σ⁻² mean_k ||AJ̃z_k||² clamped to
     [1, m − 1] and g ← ||u||² / γ̂. Stops early when |Δg| / g < ``rtol``. Returns the posterior
     with the final g.
+
+    Hooks for sharded runs (:func:`dipuq.distributed.em_hooks`): ``sample_fn(sampler, post,
+    n_samples, seed, init)`` draws a round's samples (default ``sampler.sample(..., keep_warm=True)``;
+    its ``gamma`` must cover all chains), and ``sync(g_new)`` returns the g every process adopts.
     """
     if n_rounds < 1 or n_samples < 1:
         raise DipuqError("EM needs n_rounds >= 1 and n_samples >= 1")
     mean_warm, sample_warm = None, None
     for k in range(n_rounds):
         mean = sampler.mean(post, init=mean_warm)
-        res = sampler.sample(post, n_samples, seed=seed, init=sample_warm, keep_warm=True)
+        if sample_fn is None:
+            res = sampler.sample(post, n_samples, seed=seed, init=sample_warm, keep_warm=True)
+        else:
+            res = sample_fn(sampler, post, n_samples, seed, sample_warm)
         gamma = min(max(res.gamma, 1.0), post.m - 1.0)
         u_norm2 = float(mean.u.double().pow(2).sum())
         g_new = u_norm2 / gamma
+        if sync is not None:
+            g_new = sync(g_new)
         if not (math.isfinite(g_new) and g_new > 0):
             raise DivergenceError(f"EM round {k}: g update gave {g_new} (||u||^2 = {u_norm2}, gamma = {gamma})")
         yield EMState(k, post.g, u_norm2, gamma, g_new, mean, res)
@@ -656,12 +667,14 @@ def run_em(
     seed: int | None = None,
     rtol: float = 0.0,
     callback: Callable[[EMState], None] | None = None,
+    sample_fn: Callable[..., SampleResult] | None = None,
+    sync: Callable[[float], float] | None = None,
 ) -> EMResult:
     """Driver for :func:`iterate_em`; returns the fitted posterior and the traces of g and γ̂."""
     if isinstance(sampler, str):
         sampler = make_sampler(sampler)
     seed = _resolve_seed(seed, generator)
-    gen = iterate_em(post, sampler, n_rounds, n_samples, seed, rtol)
+    gen = iterate_em(post, sampler, n_rounds, n_samples, seed, rtol, sample_fn=sample_fn, sync=sync)
     g_trace, gamma_trace, last = [post.g], [], None
     while True:
         try:

@@ -92,7 +92,7 @@ def test_3d_fit_reduces_misfit():
     cfg = DipConfig(iterations=100, lr=3e-3, gamma=0.0, network=NetworkConfig(scales=2, channels=8, skip_channels=2))
     _, res = _fit(A, y, cfg)
     h = res.history["misfit"]
-    # measured: misfit 6.39 -> 0.150 (42x) in 100 steps; require 20x
+    # measured: misfit reduced 42x / 73x / 116x in 100 steps for net seeds 1 / 2 / 3; require 20x
     assert h[0] / min(h) > 20, (h[0], min(h))
     assert res.recon.shape == (16, 16, 16)
     assert res.sigma2 == pytest.approx(residual_sigma2(A, res.recon, y), rel=1e-6)
@@ -244,3 +244,17 @@ def test_bad_inputs(tiny2d):
 def test_config_dict_round_trip():
     cfg = _cfg(stop="discrepancy", tau=1.2)
     assert DipConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_callbacks_progress_and_logging(tiny2d, caplog):
+    A, y = tiny2d
+    seen = []
+
+    def stop_at_3(state):
+        seen.append(state.iteration)
+        return state.iteration == 3
+
+    with caplog.at_level("INFO", logger="dipuq.dip"):
+        _, res = _fit(A, y, _cfg(iterations=10, log_every=2), callbacks=[stop_at_3], progress=True)
+    assert seen == [0, 1, 2, 3] and res.stop_reason == "callback" and res.iterations == 4
+    assert sum("DIP it" in r.message for r in caplog.records) == 2  # iterations 1 and 3
