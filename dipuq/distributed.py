@@ -63,6 +63,7 @@ __all__ = [
 
 _ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _FAILED_KEY = "dipuq/failed"
+_SEEN_KEY = "dipuq/failed_seen"
 
 
 class DistributedError(DipuqError, RuntimeError):
@@ -75,6 +76,8 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     # gloo prefixes its messages with a source location "[/path/file.cc:123] "
     if msg.startswith("[") and "] " in msg[:200]:
         msg = msg.split("] ", 1)[1]
+    if len(msg) > 120 and ". " in msg[40:]:  # backend messages add advice after the first sentence
+        msg = msg[: msg.index(". ", 40) + 1]
     msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
@@ -171,13 +174,14 @@ class DistContext:
                 if store.check([key]):
                     return store.get(key).decode()
                 if store.check([_FAILED_KEY]):
-                    raise DistributedError(f"rank {self.rank} stopped waiting for {what}: "
-                                           f"{store.get(_FAILED_KEY).decode()}")
+                    msg = store.get(_FAILED_KEY).decode()
+                    store.add(_SEEN_KEY, 1)  # lets a failing store host exit (see signal_failure)
+                    raise DistributedError(f"rank {self.rank} stopped waiting for {what}: {msg}")
                 if time.monotonic() - t0 > limit:
                     raise DistributedError(f"rank {self.rank} timed out after {limit:g} s waiting for {what} "
                                            f"(raise DistContext.wait_timeout_s if that work is just slow)")
                 time.sleep(pause)
-                pause = min(2 * pause, 1.0)
+                pause = min(2 * pause, 0.5)
         except DipuqError:
             raise
         except (RuntimeError, OSError) as exc:  # the store's host (rank 0 or the agent) went away
@@ -190,8 +194,14 @@ class DistContext:
         if store is None:
             return
         try:
-            if not store.check([_FAILED_KEY]):
-                store.set(_FAILED_KEY, f"rank {self.rank} ({socket.gethostname()}) failed: {_first_line(exc)}")
+            if store.check([_FAILED_KEY]):
+                return
+            store.set(_FAILED_KEY, f"rank {self.rank} ({socket.gethostname()}) failed: {_first_line(exc)}")
+            if self.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+                # this process hosts the store: linger (≤ 5 s) until the waiting ranks have read it
+                t0 = time.monotonic()
+                while store.add(_SEEN_KEY, 0) < self.world_size - 1 and time.monotonic() - t0 < 5.0:
+                    time.sleep(0.05)
         except Exception:  # noqa: BLE001 - the store itself may be gone
             pass
 
@@ -545,6 +555,9 @@ def sample_distributed(
             raise DipuqError(f"n_samples must be >= 1, got {n_samples}")
         chains = range(n_samples)
     chains = [int(k) for k in chains]
+    if not chains or len(set(chains)) != len(chains):
+        raise DipuqError(f"chains must be a non-empty list of distinct chain indices, got {len(chains)} "
+                         f"with {len(chains) - len(set(chains))} repeated")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise DipuqError(f"distributed sampling needs an explicit integer seed, got {seed!r}")
     mine = shard_chains(chains, ctx.rank, ctx.world_size)

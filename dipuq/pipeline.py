@@ -570,10 +570,11 @@ def stage_report(ctx: RunContext, cfg) -> dict:
                 figures[caption] = viz.figure_png(fig, dpi=cfg.dpi)
     prov_path = ctx.run.path("provenance.json")
     provenance = json.loads(prov_path.read_text()) if prov_path.exists() else {}
-    sub = f"{scan.name or 'scan'} · {scan.geometry.describe()} · {maps.n_samples} posterior samples"
+    sub = (f"{scan.geometry.describe()} · {ctx['sampling']['method']} sampler, {maps.n_samples} posterior samples · "
+           f"run {ctx.run.root.name}")
     write_report(ctx.run.path("report.html"), maps.mean, maps.std, reference=scan.reference, metrics=ctx["metrics"],
                  figures=figures, config_text=dumps_config(ctx.config), provenance=provenance,
-                 title=f"dipuq: {scan.name or 'reconstruction'} with error bars", subtitle=sub,
+                 title=f"dipuq report: {scan.name or 'reconstruction'}", subtitle=sub,
                  n_slices=cfg.report_slices, zscore_limit=cfg.zscore_limit)
     return {"file": "report.html"}
 
@@ -700,6 +701,11 @@ def run_pipeline(
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    from dipuq.operators.ray import BACKENDS
+
+    if config.operator.backend != "auto" and config.operator.backend not in BACKENDS:
+        raise ConfigError(f"unknown ray-transform backend {config.operator.backend!r}: use auto or one of "
+                          f"{', '.join(BACKENDS)}")
     if log is None:
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     run = RunDir(run_dir, STAGES)

@@ -202,9 +202,10 @@ def render_report(
     explain = ("x̂ is the reconstruction (the fitted deep image prior), σ the per-voxel posterior standard deviation "
                "(the error bar). ")
     if reference is not None:
-        explain += ("|error| is drawn on the same colour scale as σ, so an error inside its error bar looks no brighter "
-                    "than σ. The z-score (x̂ − x_ref)/σ should look like pale noise if the error bars are calibrated; "
-                    "saturated red/blue regions are errors the error bars do not cover.")
+        explain += ("|error| is the actual error against the reference (σ and |error| each have their own colour "
+                    "scale: compare the numbers on the bars). The z-score (x̂ − x_ref)/σ compares the two voxel by "
+                    "voxel: it looks like pale noise where the error bars are right; saturated red/blue marks errors "
+                    "the error bars do not cover.")
     parts.append(f'<p class="note">{html.escape(explain)} Colour scales are fixed across slices.</p>')
     for a, f in frames.items():
         view = viz.AXES[a].capitalize() if len(frames) > 1 else "Image"

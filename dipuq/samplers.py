@@ -188,6 +188,29 @@ def _sqnorm(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).double().pow(2).sum(1)
 
 
+def nystrom(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, rank: int, device=None,
+            seed: int = 54321, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomised Nyström approximation S ≈ U diag(Λ) Uᵀ of a PSD operator S on R^n.
+
+    ``matvec`` maps ``(k, n)`` -> ``(k, n)``. Returns U ``(n, r)`` and Λ ``(r,)`` (float64), from r
+    products with a Gaussian test matrix plus a stabilising shift (Frangella, Tropp & Udell 2023).
+    """
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
+    omega = torch.randn(n, rank, generator=gen, dtype=torch.float64, device=device)
+    omega, _ = torch.linalg.qr(omega)
+    Y = torch.cat([matvec(omega[:, i : i + batch].T).double() for i in range(0, rank, batch)]).T  # (n, r)
+    nu = float(torch.finfo(torch.float32).eps) * float(torch.linalg.matrix_norm(Y, ord=2)) * math.sqrt(n)
+    Y_nu = Y + nu * omega
+    C = omega.T @ Y_nu
+    C = 0.5 * (C + C.T)
+    L, info = torch.linalg.cholesky_ex(C)
+    if info != 0:  # add jitter until positive definite
+        L = torch.linalg.cholesky(C + 1e-6 * torch.trace(C) / rank * torch.eye(rank, dtype=C.dtype, device=device))
+    B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_nu L⁻ᵀ, shape: (n, r)
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    return U, (S * S - nu).clamp(min=0)
+
+
 class Sampler:
     """Base class: draws zero-mean posterior weight samples z ~ N(0, H⁻¹) chain by chain.
 
@@ -325,25 +348,55 @@ class SGDSampler(Sampler):
 
     key = "sgd"
 
-    def lambda_max(self, post: Posterior) -> float:
-        """Largest eigenvalue of H = σ⁻²M + g⁻¹I, M = J̃ᵀAᵀAJ̃, by power iteration on M (cached)."""
-        key = ("lambda_max_M", self.cfg.power_iters)
+    def precond_factor(self, post: Posterior) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rank-r Nyström approximation M ≈ U diag(Λ) Uᵀ of M = J̃ᵀAᵀAJ̃ (p × p), cached; None if r = 0."""
+        r = min(self.cfg.precond_rank, post.m, post.p)
+        if r == 0:
+            return None
+        key = ("nystrom_primal", r)
         if key not in post.cache:
+            def M(V):  # (k, p) -> (k, p)
+                return post.JTAT(post.AJ(V.to(post.model.dtype)))
+
+            U, lam = nystrom(M, post.p, r, device=post.model.device)
+            post.cache[key] = (U.to(post.model.dtype), lam)
+        return post.cache[key]
+
+    def preconditioner(self, post: Posterior) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v ↦ P⁻¹ v with P = σ⁻² U Λ Uᵀ + g⁻¹ I (identity when precond_rank = 0)."""
+        fac = self.precond_factor(post)
+        if fac is None:
+            return lambda v: v
+        U, lam = fac
+        # P⁻¹ = U diag(1/(σ⁻²Λ + g⁻¹)) Uᵀ + g (I − UUᵀ) = g I + U diag(1/(σ⁻²Λ + g⁻¹) − g) Uᵀ
+        w = (1.0 / (lam / post.sigma2 + 1.0 / post.g) - post.g).to(U.dtype)
+
+        def apply(v):
+            return post.g * v + ((v @ U) * w) @ U.T
+
+        return apply
+
+    def lambda_max(self, post: Posterior) -> float:
+        """Largest eigenvalue of P⁻¹H (H = σ⁻²M + g⁻¹I) by power iteration, cached per (g, σ²)."""
+        key = ("lambda_max", self.cfg.power_iters, self.cfg.precond_rank, post.g, post.sigma2)
+        if key not in post.cache:
+            Pinv = self.preconditioner(post)
             gen = torch.Generator(device=post.model.device).manual_seed(12345)
             v = torch.randn(4, post.p, generator=gen, dtype=post.model.dtype, device=post.model.device)
             v = v / v.norm(dim=1, keepdim=True)
             lam = torch.zeros(4)
             for _ in range(self.cfg.power_iters):
-                Mv = post.JTAT(post.AJ(v))
-                lam = (v * Mv).sum(1)  # Rayleigh quotients
-                v = Mv / Mv.norm(dim=1, keepdim=True).clamp(min=1e-30)
+                Hv = Pinv(post.hessian_matvec(v))
+                lam = (v * Hv).sum(1) / (v * v).sum(1)
+                v = Hv / Hv.norm(dim=1, keepdim=True).clamp(min=1e-30)
             lam_max = float(lam.max())
-            if not math.isfinite(lam_max):
+            if not math.isfinite(lam_max) or lam_max <= 0:
                 raise DivergenceError("power iteration for the sgd step size gave NaN/inf: J or A is not finite")
             post.cache[key] = lam_max
-        return post.cache[key] / post.sigma2 + 1.0 / post.g
+        return post.cache[key]
 
     def prepare(self, post: Posterior) -> None:
+        self.precond_factor(post)
         if self.cfg.lr is None:
             self.lambda_max(post)
 
@@ -357,6 +410,7 @@ class SGDSampler(Sampler):
         z = (w0 if init is None else init.to(w0)).clone()
         vel = torch.zeros_like(z)
         lr = self.step_size(post)
+        Pinv = self.preconditioner(post)
         T = cfg.n_steps
         t_avg = T - int(round(cfg.average_from * T)) if cfg.average_from > 0 else T
         z_avg, n_avg = None, 0
@@ -381,7 +435,7 @@ class SGDSampler(Sampler):
                     f"{cfg.diverge_factor:g}x its start); lower SamplerConfig.lr_factor (now {cfg.lr_factor:g}) "
                     f"or set a smaller lr (now {lr:.3g})"
                 )
-            vel = mu * vel - lr_t * grad
+            vel = mu * vel - lr_t * Pinv(grad)
             z = z + vel
             if t >= t_avg:
                 n_avg += 1
@@ -407,27 +461,14 @@ class CGSampler(Sampler):
         r = min(self.cfg.precond_rank, post.m, post.p)
         if r == 0:
             return None
-        key = ("nystrom", r)
+        key = ("nystrom_dual", r)
         if key not in post.cache:
-            gen = torch.Generator(device=post.model.device).manual_seed(54321)
-            dev, m = post.model.device, post.m
-            omega = torch.randn(m, r, generator=gen, dtype=torch.float64, device=dev)
-            omega, _ = torch.linalg.qr(omega)
-            Y = torch.cat([
-                post.AJ(post.JTAT(omega[:, i : i + 32].T.to(post.model.dtype).reshape(-1, *post.A.range_shape)))
-                .reshape(-1, m) for i in range(0, r, 32)
-            ]).T.double()  # shape: (m, r)
-            nu = float(torch.finfo(torch.float32).eps) * float(torch.linalg.matrix_norm(Y, ord=2)) * math.sqrt(m)
-            Y_nu = Y + nu * omega
-            C = omega.T @ Y_nu
-            C = 0.5 * (C + C.T)
-            L, info = torch.linalg.cholesky_ex(C)
-            if info != 0:  # add jitter until positive definite
-                L = torch.linalg.cholesky(C + 1e-6 * torch.trace(C) / r * torch.eye(r, dtype=C.dtype, device=dev))
-            B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_nu L⁻ᵀ, shape: (m, r)
-            U, S, _ = torch.linalg.svd(B, full_matrices=False)
-            lam = (S * S - nu).clamp(min=0)
-            post.cache[key] = (U, lam)
+            shape = post.A.range_shape
+
+            def K1(V):  # (k, m) -> (k, m)
+                return post.AJ(post.JTAT(V.to(post.model.dtype).reshape(-1, *shape))).reshape(V.shape[0], -1)
+
+            post.cache[key] = nystrom(K1, post.m, r, device=post.model.device)
         return post.cache[key]
 
     def prepare(self, post: Posterior) -> None:

@@ -6,8 +6,10 @@ backend is switched, with or without a display.
 
 Quantities shown (``x̂`` reconstruction, ``σ`` posterior std, ``x_ref`` reference):
 
-- ``|error| = |x̂ - x_ref|`` on the same colour scale as ``σ`` (so "is the error inside the error
-  bar?" can be read off by eye); reconstruction and reference share one grey scale;
+- ``σ`` and ``|error| = |x̂ - x_ref|`` each on their own scale from 0 (σ is often much smaller
+  or larger than the error; one shared scale would hide the structure of one of them — whether
+  the error is inside its error bar is what the z-score shows); reconstruction and reference
+  share one grey scale;
 - ``z = (x̂ - x_ref) / σ`` on a diverging map symmetric about 0 (±3 by default): calibrated error
   bars give z ~ N(0, 1), mostly pale, with few saturated voxels;
 - the reliability diagram: empirical coverage of central Gaussian intervals ``x̂ ± q σ`` against
@@ -100,8 +102,8 @@ def derived_maps(recon, std, reference=None) -> dict[str, np.ndarray]:
 
 
 def display_scales(maps: Mapping[str, np.ndarray], zscore_limit: float = 3.0) -> dict[str, tuple[float, float]]:
-    """Colour limits: recon & reference share robust grey limits (0.5–99.5 %), std & |error| share
-    ``[0, 99.5 %]``, z-score is ``±zscore_limit``."""
+    """Colour limits: recon & reference share robust grey limits (0.5–99.5 %), std and |error| are
+    each ``[0, 99.5 %]``, z-score is ``±zscore_limit``."""
     def pct(arrays, lo, hi):
         v = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
         v = v[np.isfinite(v)]
@@ -113,9 +115,9 @@ def display_scales(maps: Mapping[str, np.ndarray], zscore_limit: float = 3.0) ->
     scales = {}
     grey = [maps[k] for k in ("reference", "recon") if k in maps]
     scales["recon"] = scales["reference"] = pct(grey, 0.5, 99.5)
-    spread = [maps[k] for k in ("std", "abs_error") if k in maps]
-    top = pct(spread, 0.0, 99.5)[1]
-    scales["std"] = scales["abs_error"] = (0.0, max(top, 1e-12))
+    for k in ("std", "abs_error"):
+        if k in maps:
+            scales[k] = (0.0, max(pct([maps[k]], 0.0, 99.5)[1], 1e-12))
     scales["zscore"] = (-float(zscore_limit), float(zscore_limit))
     return {k: v for k, v in scales.items() if k in maps}
 
@@ -409,3 +411,68 @@ def colorbar_png(cmap: str, vmin: float, vmax: float, label: str = "", *, width:
     if label:
         cb.set_label(label, fontsize=7, labelpad=1)
     return figure_png(fig, dpi=110)
+
+
+# --- experiments (issue 6) ---
+
+
+def method_comparison(
+    recons: Mapping[str, np.ndarray],
+    stds: Mapping[str, np.ndarray | None],
+    reference: np.ndarray,
+    *,
+    title: str | None = None,
+    panel: float = 1.75,
+) -> Figure:
+    """The same 2D slice for several methods side by side: reconstruction, std σ and |error|.
+
+    Columns: the reference, then one per method (``recons`` order). Rows: reconstruction (one
+    grey scale, the reference's 0.5–99.5 % range), posterior std σ and |x̂ − x_ref| (one shared
+    magma scale, so a column whose σ looks like its |error| has honest error bars). Methods
+    without a std (point estimates) leave the σ panel blank.
+    """
+    names = list(recons)
+    ref = np.asarray(reference, dtype=np.float64)
+    errs = {n: np.abs(np.asarray(recons[n], dtype=np.float64) - ref) for n in names}
+    lo, hi = np.percentile(ref, [0.5, 99.5])
+    pool = [e.ravel() for e in errs.values()] + [np.asarray(s).ravel() for s in stds.values() if s is not None]
+    emax = float(np.percentile(np.concatenate(pool), 99.0)) if pool else 1.0
+    emax = emax if emax > 0 else 1.0
+    h, w = ref.shape
+    ncol = len(names) + 1
+    fig = _new_figure(panel * ncol + 0.6, panel * 3 * h / w + 1.0 + (0.3 if title else 0))
+    grid = fig.add_gridspec(3, ncol + 1, width_ratios=[1] * ncol + [0.06])
+    rows = ("reconstruction", "std σ", "|error|")
+    ims = [None, None, None]
+    for c in range(ncol):
+        name = "reference" if c == 0 else names[c - 1]
+        for r in range(3):
+            ax = fig.add_subplot(grid[r, c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0 and r > 0:
+                ax.axis("off")
+                continue
+            if r == 0:
+                img, cmap, vmin, vmax = (ref if c == 0 else recons[name]), "gray", lo, hi
+                ax.set_title(name, fontsize=8)
+            elif r == 1:
+                s = stds.get(name)
+                if s is None:
+                    ax.text(0.5, 0.5, "no std\n(point estimate)", ha="center", va="center", fontsize=7,
+                            transform=ax.transAxes, color="0.4")
+                    continue
+                img, cmap, vmin, vmax = s, "magma", 0.0, emax
+            else:
+                img, cmap, vmin, vmax = errs[name], "magma", 0.0, emax
+            im = ax.imshow(np.asarray(img), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ims[r] = im
+            if c == 1 or (c == 0 and r == 0):
+                ax.set_ylabel(rows[r], fontsize=8)
+    for r in range(3):
+        if ims[r] is not None:
+            cb = fig.colorbar(ims[r], cax=fig.add_subplot(grid[r, -1]))
+            cb.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

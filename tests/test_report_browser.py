@@ -65,6 +65,12 @@ def test_report_slider_in_chromium(tmp_path, artifacts):
             page.locator("#slider-z").focus()
             page.keyboard.press("End")
             assert page.locator("#label-z").get_attribute("data-index") == "19"
+            for axis in "zyx":  # leave every view on a slice through the object for the screenshot
+                page.locator(f"#slider-{axis}").focus()
+                page.keyboard.press("Home")
+                for _ in range(3):
+                    page.keyboard.press("ArrowRight")
+            assert page.locator("#label-x").get_attribute("data-index") == "8"
             assert page.locator("table").inner_text().count("PSNR") == 1
             page.screenshot(path=str(artifacts / "report_browser.png"), full_page=True)
             assert not errors, f"JavaScript errors: {errors}"

@@ -1,0 +1,216 @@
+"""Experiment runner end to end on a tiny 2D experiment (32², a 2-scale U-Net, a few iterations).
+
+The numbers are not meant to be good reconstructions; the tests check the runner's contracts:
+listing, the table and figures, identical metrics for the same seed (on CPU, fixed threads),
+resume after an interruption, sharing the DIP fit between Bayes-DIP sgd and cg, and one-line
+errors with exit code 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dipuq import experiments
+from dipuq.cli import main
+from dipuq.experiments import load_experiment, normalise_background
+
+TINY = """\
+[experiment]
+title = "tiny runner test"
+seeds = 2
+quick = ["dip.iterations=10"]
+
+[scan]
+source = "phantom"
+shape = [32, 32]
+noise_level = 0.02
+
+[[case]]
+name = "a10"
+angles = 10
+
+[methods]
+run = ["bayes-sgd", "bayes-cg", "mcdo", "fixed-sigma", "oracle-sigma", "fbp", "tv"]
+mcdo_samples = 4
+tv_iter = 20
+cg_max_iter = 20
+
+[pipeline.dip]
+iterations = 25
+[pipeline.dip.network]
+scales = 2
+channels = 4
+skip_channels = 1
+[pipeline.linearise]
+diag_probes = 4
+[pipeline.posterior]
+em_rounds = 1
+em_samples = 2
+[pipeline.sampler]
+n_samples = 4
+n_steps = 10
+chains_per_batch = 2
+power_iters = 5
+[pipeline.output]
+figures = false
+tiff = false
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def exp_dir(tmp_path, monkeypatch):
+    d = tmp_path / "experiments"
+    d.mkdir()
+    (d / "tiny.toml").write_text(TINY)
+    monkeypatch.setenv("DIPUQ_EXPERIMENTS", str(d))
+    return d
+
+
+def _metrics(out, seed=0):
+    rows = {}
+    for p in sorted((out / f"seed{seed}").glob("*/*/result.json")):
+        r = json.loads(p.read_text())["row"]
+        rows[r["method"]] = {k: v for k, v in r.items() if not k.startswith("time_")}
+    return rows
+
+
+def test_shipped_experiments_load():
+    """Every config in the repository's experiments/ parses and validates (no runs)."""
+    found = experiments.list_experiments()
+    assert {"shepp2d", "cone3d", "cone3d-gpu", "tooth2d", "diamond3d"} <= set(found)
+    for name in found:
+        spec = load_experiment(name)
+        assert spec.cases and spec.methods.run
+        load_experiment(name, quick=True)
+
+
+def test_list(exp_dir, capsys):
+    assert main(["experiment", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "tiny runner test" in out and "a10" in out
+
+
+def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(["experiment", "run", "tiny", "--out", str(out), "--quiet"]) == 0
+    # layout: per-seed method folders with markers, tables, figures, provenance
+    for seed in (0, 1):
+        for m in ("bayes-sgd", "bayes-cg", "mcdo", "fixed-sigma", "oracle-sigma", "fbp", "tv"):
+            assert (out / f"seed{seed}" / "a10" / m / "result.json").is_file(), (seed, m)
+    for f in ("table.md", "table.csv", "results.csv", "provenance.json", "experiment.toml",
+              "figures/a10_slices.png", "figures/a10_calibration.png"):
+        assert (out / f).is_file(), f
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["seeds"] == 2 and prov["threads"] == 1 and "torch" in prov["versions"]
+    table = list(csv.DictReader((out / "table.csv").open()))
+    assert len(table) == 7 and all(r["n_seeds"] == "2" for r in table)
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 14
+    md = (out / "table.md").read_text()
+    assert "Bayes-DIP (sgd)" in md and "±" in md
+    # point estimates carry no uncertainty metrics; fixed sigma has a constant std (Spearman 0)
+    m0 = _metrics(out)
+    assert m0["fbp"]["coverage_90"] is None and np.isfinite(m0["fbp"]["psnr"])
+    assert m0["fixed-sigma"]["spearman_std_abs_error"] == 0.0
+    # the cg run reused the sgd run's DIP fit: same reconstruction, its own std
+    sgd = np.load(out / "seed0/a10/bayes-sgd/recon.npy")
+    np.testing.assert_array_equal(sgd, np.load(out / "seed0/a10/bayes-cg/recon.npy"))
+    cg_marker = json.loads((out / "seed0/a10/bayes-cg/stages/03_dip/done.json").read_text())
+    assert cg_marker["shared_from"].endswith("bayes-sgd")
+    assert json.loads((out / "seed0/a10/bayes-cg/result.json").read_text())["extra"]["shared_fit"] is True
+
+    # same seed in a fresh folder: identical metrics (bit for bit)
+    fresh = tmp_path / "fresh"
+    assert main(["experiment", "run", "tiny", "--out", str(fresh), "--seeds", "1", "--quiet"]) == 0
+    assert _metrics(fresh) == _metrics(out)
+    # different seeds differ (noise, initialisation and sampling all depend on the seed)
+    assert _metrics(out, 1)["bayes-sgd"]["psnr"] != m0["bayes-sgd"]["psnr"]
+
+    # interruption: kill the run in the middle of seed 0's mcdo; finished methods are kept
+    inter = tmp_path / "inter"
+    real = experiments._RUNNERS["mcdo"]
+
+    def boom(job, method):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(experiments._RUNNERS, "mcdo", boom)
+    assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1", "--quiet"]) == 130
+    done = {p.parent.name: p.stat().st_mtime_ns for p in (inter / "seed0/a10").glob("*/result.json")}
+    assert set(done) == {"bayes-sgd", "bayes-cg"}
+    monkeypatch.setitem(experiments._RUNNERS, "mcdo", real)
+    calls = []
+    for name in ("bayes-sgd", "bayes-cg"):
+        monkeypatch.setitem(experiments._RUNNERS, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    capsys.readouterr()
+    assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1"]) == 0
+    err = capsys.readouterr().err
+    assert calls == [] and err.count("done already, skipping") == 2
+    for name, mtime in done.items():
+        assert (inter / "seed0/a10" / name / "result.json").stat().st_mtime_ns == mtime
+    assert _metrics(inter) == _metrics(out)
+    # a rerun of a finished experiment computes nothing and rewrites the same table
+    assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_input_one_line_exit_2(exp_dir, tmp_path, capsys):
+    cases = [
+        ["experiment", "run", "nosuch"],
+        ["experiment", "run", "tiny", "--seeds", "0"],
+        ["experiment", "run", "tiny", "--seeds", "two"],
+        ["experiment", "run", "tiny", "--set", "dip.iteratons=5"],
+        ["experiment", "run", "tiny", "--set", "methods.run=bayes-sgd,magic"],
+        ["experiment", "run", "tiny", "--set", "scan.shape=4,4"],
+    ]
+    errs = []
+    for argv in cases:
+        assert main([*argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dipuq: error:") and "\n" not in err, (argv, err)
+        errs.append(err)
+    assert "available: tiny" in errs[0]
+    assert "did you mean 'iterations'" in errs[3]
+    assert "magic" in errs[4]
+    assert not (tmp_path / "x").exists()  # nothing written for bad input
+    # a folder holding another spec is refused, not overwritten
+    out = tmp_path / "run"
+    assert main(["experiment", "run", "tiny", "--out", str(out), "--quiet", "--seeds", "1",
+                 "--set", "methods.run=fbp"]) == 0
+    assert main(["experiment", "run", "tiny", "--out", str(out), "--quiet", "--seeds", "1",
+                 "--set", "methods.run=tv"]) == 2
+    assert "different spec" in capsys.readouterr().err
+
+
+def test_quick_overrides_and_prefix(exp_dir):
+    spec = load_experiment("tiny", ["sampler.n_samples=6", "pipeline.dip.lr=0.01"], quick=True)
+    assert spec.pipeline.dip.iterations == 10  # from experiment.quick
+    assert spec.pipeline.sampler.n_samples == 6 and spec.pipeline.dip.lr == 0.01
+    assert load_experiment("tiny").pipeline.dip.iterations == 25
+
+
+def test_normalise_background():
+    """A constant air offset per projection is removed exactly (edges are air)."""
+    from dipuq.data.scan import Scan
+    from dipuq.geometry import Geometry
+
+    g = Geometry.parallel3d(np.linspace(0, np.pi, 4, endpoint=False), (3, 20, 20), det_shape=(3, 30))
+    p = np.zeros((4, 3, 30), np.float32)
+    p[:, :, 10:20] = 1.0
+    offset = np.array([0.35, 0.4, 0.3, 0.38], np.float32)
+    scan = Scan(p + offset[:, None, None], g)
+    out, levels = normalise_background(scan, edge_cols=5)
+    np.testing.assert_allclose(levels, offset, atol=1e-6)  # float32 rounding
+    np.testing.assert_allclose(out.projections, p, atol=1e-6)
