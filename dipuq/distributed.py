@@ -313,6 +313,13 @@ class DistContext:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is not None and not isinstance(exc, DistributedError):
             self.signal_failure(exc)
+        elif exc is None and self.owns_group:
+            # leave together: a rank tearing down its gloo pairs while a peer still uses them
+            # can abort the peer at exit (seen once in 10 torchrun runs under heavy load)
+            try:
+                self.barrier()
+            except DipuqError:
+                pass
         self.shutdown()
 
 

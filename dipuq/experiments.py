@@ -159,6 +159,8 @@ class ScanSpec:
     bin: int = option(1, "bin detector and volume by this factor", ge=1)
     crop_cols: int = option(0, "keep this many detector columns centred on the rotation axis (0 = all)", ge=0)
     crop_rows: list[int] = option([], "3D: detector rows [start, stop] to keep (after binning; [] = all)")
+    vol_xy: int = option(0, "in-plane volume size after cropping (0 = the field of view of the kept columns)", ge=0)
+    unit_scale: bool = option(False, "datasets: rescale values so that the reference's 99.9th percentile is 1")
     background: Literal["none", "edge"] = option("none", "subtract the per-projection air level (median of the edge columns)")
     edge_cols: int = option(8, "columns at each detector edge used for the air level (before cropping)", ge=1)
     reference: Literal["truth", "fbp", "tv", "cgls", "sirt"] = option(
@@ -219,7 +221,7 @@ def experiments_dir() -> Path:
 def list_experiments(folder: str | Path | None = None) -> dict[str, Path]:
     """``{name: path}`` of every ``*.toml`` experiment config in ``folder``."""
     folder = Path(folder) if folder is not None else experiments_dir()
-    return {p.stem: p for p in sorted(folder.glob("*.toml"))} if folder.is_dir() else {}
+    return {p.stem: p for p in sorted(folder.glob("*.toml"), key=lambda p: p.stem)} if folder.is_dir() else {}
 
 
 def _resolve(name_or_path: str | Path) -> Path:
@@ -440,7 +442,8 @@ def _dataset_full(spec: ScanSpec):
     if spec.bin > 1:
         scan = preprocess.bin(scan, spec.bin)
     if spec.crop_cols or spec.crop_rows:
-        scan = preprocess.crop(scan, cols=spec.crop_cols or None, rows=tuple(spec.crop_rows) or None)
+        scan = preprocess.crop(scan, cols=spec.crop_cols or None, rows=tuple(spec.crop_rows) or None,
+                               vol_xy=spec.vol_xy or None)
     return scan, info
 
 
@@ -458,6 +461,13 @@ def build_scan(spec: ExperimentSpec, case: CaseSpec, seed: int, device="cpu"):
         return _phantom_scan(s, case, seed), {}
     full, info = _dataset_full(s)
     ref = _reference_recon(full, s, spec.pipeline.operator.backend, device)
+    if s.unit_scale:
+        # Units only: line integrals and attenuation scale together (y = A x is linear), so the
+        # DIP, TV weight and learning rates see values of order 1 whatever the voxel size.
+        c = 1.0 / float(np.percentile(ref, 99.9))
+        full = full.replace(projections=full.projections * c, meta={**full.meta, "unit_scale": c})
+        ref = ref * c
+        info["unit_scale"] = c
     full = full.replace(reference=ref)
     if s.reference == "fbp" and full.geometry.n_angles >= 4:
         # Noise floor of the reference: FBPs of the even and odd halves of the angles differ by
@@ -749,12 +759,13 @@ def run_experiment(
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
     if log is None:
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    device = resolve_device(spec.experiment.device)
-    if spec.experiment.gpu_only and device.type != "cuda":
+    if (spec.experiment.gpu_only or spec.experiment.device == "cuda") and not torch.cuda.is_available():
         from dipuq.errors import GPUUnavailableError
 
-        raise GPUUnavailableError(f"experiment {spec.name} is sized for a GPU (experiment.gpu_only = true) and no "
-                                  "CUDA device is available; use its CPU-sized sibling")
+        raise GPUUnavailableError(f"experiment {spec.name} needs a CUDA GPU (experiment.device = "
+                                  f"{spec.experiment.device!r}, gpu_only = {str(spec.experiment.gpu_only).lower()}) "
+                                  "and torch sees none; run its CPU-sized sibling instead")
+    device = resolve_device(spec.experiment.device)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DipuqError(f"--out {out} exists and is not a folder")
@@ -903,7 +914,8 @@ def _table_markdown(spec: ExperimentSpec, table: list[dict], seeds: int) -> str:
             for k, (_, f, _) in METRICS.items():
                 c = _fmt(r[k], r[f"{k}_std"], f)
                 cells.append(f"**{c}**" if i in best.get(k, ()) and len(rs) > 1 else c)
-            lines.append(f"| {METHODS[r['method']]} | " + " | ".join(cells) + " |")
+            label = METHODS[r["method"]] + (f" (n={r['n_seeds']})" if r["n_seeds"] != seeds else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

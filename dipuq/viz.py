@@ -467,7 +467,7 @@ def method_comparison(
                 img, cmap, vmin, vmax = errs[name], "magma", 0.0, emax
             im = ax.imshow(np.asarray(img), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
             ims[r] = im
-            if c == 1 or (c == 0 and r == 0):
+            if (c == 1 and r > 0) or (c == 0 and r == 0):
                 ax.set_ylabel(rows[r], fontsize=8)
     for r in range(3):
         if ims[r] is not None:

@@ -63,7 +63,7 @@ def _worker(scenario: str, out: str) -> None:
     try:
         with init_distributed(backend="gloo", timeout_s=timeout, device="cpu") as dctx:
             result["rank"], result["world"] = dctx.rank, dctx.world_size
-            if scenario == "equal":
+            if scenario == "equal":  # under torchrun; then the "raise" part in the same job
                 post = tiny_posterior()
                 sampler = make_sampler("sgd", SamplerConfig(**CFG))
                 res = sample_distributed(sampler, post, N_CHAINS, seed=SEED, ctx=dctx)
@@ -75,19 +75,20 @@ def _worker(scenario: str, out: str) -> None:
                                 "data_fit": res.data_fit, "chains": res.chains, "shards": shards,
                                 "g_trace": em.g_trace, "gamma_trace": em.gamma_trace,
                                 "on_main": value, "rank_seconds": res.rank_seconds}, out)
-                else:  # every rank holds the same reduced moments and EM result
-                    result["n"], result["g_final"] = res.moments.n, em.g_trace[-1]
-                    result["on_main_who"] = value["who"]
-            elif scenario == "raise":  # rank 1's share diverges mid-way
-                post = tiny_posterior()
-                sampler = make_sampler("sgd", SamplerConfig(n_steps=20, chains_per_batch=4))
+                # every rank holds the same reduced moments and EM result
+                result["n"], result["g_final"] = res.moments.n, em.g_trace[-1]
+                result["on_main_who"] = value["who"]
 
-                def cb(st):
+                def diverge_on_rank_1(st):  # rank 1's share diverges mid-way
                     if dctx.rank == 1 and st.step == 5:
                         result["t_raise"] = time.time()
                         raise DivergenceError("sgd sampler diverged at step 5 (injected)")
 
-                sample_distributed(sampler, post, 8, seed=SEED, ctx=dctx, callback=cb)
+                try:  # caught here so that both ranks exit normally and torchrun kills neither
+                    sample_distributed(make_sampler("sgd", SamplerConfig(n_steps=20, chains_per_batch=4)), post, 8,
+                                       seed=SEED, ctx=dctx, callback=diverge_on_rank_1)
+                except DistributedError as exc:
+                    result["raise_error"], result["raise_type"], result["t_error"] = str(exc), type(exc).__name__, time.time()
             elif scenario in ("die", "hang"):  # rank 1 crashes / stops responding before the reduce
                 mom = Moments((4, 4)).update(torch.ones(2, 4, 4))
                 if dctx.rank == 1:
@@ -105,9 +106,19 @@ def _worker(scenario: str, out: str) -> None:
                 dctx.on_main(bad_scan)
     except Exception as exc:  # noqa: BLE001 - report what this rank saw
         result["error"], result["type"], result["t_error"] = str(exc), type(exc).__name__, time.time()
-        print("RESULT " + json.dumps(result), flush=True)
+        _report(out, result)
         sys.exit(1)
-    print("RESULT " + json.dumps(result), flush=True)
+    _report(out, result)
+
+
+def _report(out: str, result: dict) -> None:
+    """Each rank writes its own JSON file (ranks share one stdout under torchrun)."""
+    Path(f"{out}.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(result))
+
+
+def _results(out: Path, world: int = 2) -> list[dict | None]:
+    files = [Path(f"{out}.rank{r}.json") for r in range(world)]
+    return [json.loads(f.read_text()) if f.exists() else None for f in files]
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,10 +134,6 @@ def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", **{k: str(v) for k, v in extra.items()})
     return env
-
-
-def _results(text: str) -> list[dict]:
-    return [json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")]
 
 
 def _launch_by_hand(scenario: str, tmp_path: Path, timeout: float, guard: float = 90.0,
@@ -146,8 +153,8 @@ def _launch_by_hand(scenario: str, tmp_path: Path, timeout: float, guard: float 
     try:
         for p in procs[:1] if only_rank0 else procs:
             text, _ = p.communicate(timeout=guard)  # the guard: a hang fails the test instead of CI
-            res = _results(text)
-            out.append((p.returncode, res[0] if res else {"output": text[-2000:]}, time.monotonic() - t0))
+            res = _results(tmp_path / "out.pt")[len(out)]
+            out.append((p.returncode, res or {"output": text[-2000:]}, time.monotonic() - t0))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -214,19 +221,25 @@ def test_launch_errors_are_one_line(monkeypatch):
         init_distributed(timeout_s=0)
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    """torchrun, gloo, 2 ranks: same std map, data-fit terms and EM trace as one process."""
-    out = tmp_path / "out.pt"
+@pytest.fixture(scope="module")
+def torchrun_job(tmp_path_factory):
+    """One ``torchrun --nproc_per_node 2`` job (gloo): the sharded run, then a share that fails."""
+    out = tmp_path_factory.mktemp("torchrun") / "out.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(HERE), "equal", str(out)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = torch.load(out)
+    return torch.load(out), _results(out)
+
+
+def test_two_ranks_match_one_process(torchrun_job):
+    """Same std map, data-fit terms and EM trace as one process with the same seed."""
+    got, ranks = torchrun_job
     assert sorted(k for s in got["shards"] for k in s) == list(range(N_CHAINS))
     assert got["shards"][0] == list(range(0, N_CHAINS, 2))  # round-robin
     assert got["on_main"]["who"] == 0 and torch.equal(got["on_main"]["t"], torch.arange(3.0))
-    rank1 = _results(proc.stdout)
-    assert {"rank": 1, "world": 2, "n": N_CHAINS, "g_final": got["g_trace"][-1], "on_main_who": 0} in rank1
+    for r in ranks:  # both ranks hold the reduced moments and rank 0's g and on_main value
+        assert (r["world"], r["n"], r["g_final"], r["on_main_who"]) == (2, N_CHAINS, got["g_trace"][-1], 0)
 
     post = tiny_posterior()
     sampler = make_sampler("sgd", SamplerConfig(**CFG))
@@ -241,18 +254,18 @@ def test_two_ranks_match_one_process(tmp_path):
     torch.testing.assert_close(got["std"], ref.moments.std(), rtol=1e-6, atol=0)
     torch.testing.assert_close(got["data_fit"], ref.data_fit.double(), rtol=1e-6, atol=0)
     # EM: γ̂ from all 8 chains on both ranks, g from rank 0 (measured bit-identical; same bound)
-    torch.testing.assert_close(torch.tensor(got["g_trace"], dtype=torch.float64), torch.tensor(em.g_trace, dtype=torch.float64),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.tensor(got["g_trace"], dtype=torch.float64),
+                               torch.tensor(em.g_trace, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
-def test_a_rank_whose_share_fails_stops_every_rank(tmp_path):
-    res = _launch_by_hand("raise", tmp_path, timeout=60)
-    for rc, r, _ in res:
-        assert rc == 1 and r.get("type") == "DistributedError", r
-        assert "failed on 1 of 2 ranks (rank 1: DivergenceError: sgd sampler diverged at step 5" in r["error"]
+def test_a_rank_whose_share_fails_stops_every_rank(torchrun_job):
+    _, ranks = torchrun_job
+    for r in ranks:
+        assert r.get("raise_type") == "DistributedError", r
+        assert "failed on 1 of 2 ranks (rank 1: DivergenceError: sgd sampler diverged at step 5" in r["raise_error"]
     # rank 0 learns of it at the agreement step right after its own share (measured 0.2 s after
-    # rank 1 raised), not from the 60 s collective timeout; 20 s leaves room for a loaded CI box
-    assert res[0][1]["t_error"] - res[1][1]["t_raise"] < 20
+    # rank 1 raised), not from the 30 s collective timeout; 20 s leaves room for a loaded CI box
+    assert ranks[0]["t_error"] - ranks[1]["t_raise"] < 20
 
 
 @pytest.mark.parametrize("scenario,why", [("die", "crashed, exited or did not respond"),
@@ -268,9 +281,9 @@ def test_a_dead_or_hung_rank_gives_a_clear_error_not_a_hang(tmp_path, scenario, 
 
 
 def test_waiting_for_rank_0_outlasts_the_collective_timeout_and_sees_its_failure(tmp_path):
-    res = _launch_by_hand("main", tmp_path, timeout=3)
+    res = _launch_by_hand("main", tmp_path, timeout=2)
     (rc0, r0, _), (rc1, r1, _) = res
-    assert r1["slow"] == 42  # rank 1 waited 4.5 s > the 3 s collective timeout for rank 0's value
+    assert r1["slow"] == 42  # rank 1 waited 3 s > the 2 s collective timeout for rank 0's value
     assert rc0 == 1 and r0["type"] == "DipuqError" and "projections contain NaN" in r0["error"]
     assert rc1 == 1 and r1["type"] == "DistributedError", r1
     assert "rank 0" in r1["error"] and "DipuqError: projections contain NaN (injected)" in r1["error"]

@@ -22,12 +22,12 @@ examples:
 
 #: (volume edge, views, noise level as a fraction of the mean projection, config overrides)
 SETTINGS = {
-    "default": (32, 20, 0.02, {
+    "default": (24, 20, 0.02, {
         "dip.iterations": 1500, "dip.lr": 2e-3, "dip.gamma": 1e-4, "dip.network.scales": 3,
-        "dip.network.channels": 16, "dip.network.skip_channels": 4,
+        "dip.network.channels": 8, "dip.network.skip_channels": 4,
         "linearise.diag_probes": 32,
-        "posterior.em_rounds": 3, "posterior.em_samples": 8,
-        "sampler.n_samples": 48, "sampler.n_steps": 300, "sampler.chains_per_batch": 16,
+        "posterior.em_rounds": 3, "posterior.em_samples": 6,
+        "sampler.n_samples": 32, "sampler.n_steps": 300, "sampler.chains_per_batch": 16,
     }),
     "quick": (16, 12, 0.02, {
         "dip.iterations": 150, "dip.lr": 3e-3, "dip.gamma": 1e-4, "dip.network.scales": 2,
