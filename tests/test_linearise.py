@@ -55,6 +55,10 @@ def test_adjoint_identity_batched():
     # float32 rounding of sums over p ~ 700 terms: measured |err| / (|Jv||u|) ~ 1e-8; 1e-5 is loose.
     rel = (lhs - rhs).abs() / (Jv.flatten(1).norm(dim=1) * u.flatten(1).norm(dim=1)).double()
     assert rel.max() < 1e-5
+    from dipuq.testing import check_jvp_vjp
+
+    # the shipped checker on the same function (forward vs reverse mode), same float32 bound
+    assert check_jvp_vjp(model._f, model.theta_map) < 1e-5
 
 
 def test_jvp_matches_finite_differences_float64():

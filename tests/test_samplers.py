@@ -91,6 +91,7 @@ def test_exact_samples_have_the_exact_covariance(post, exact):
 
 @pytest.mark.parametrize("name,cfg", [
     ("sgd", SamplerConfig(n_steps=100, chains_per_batch=32)),
+    ("sgd", SamplerConfig(n_steps=150, chains_per_batch=32, precond_rank=0)),  # plain Nesterov
     ("cg", SamplerConfig(chains_per_batch=32, precond_rank=32)),
 ])
 def test_sampler_std_error_is_only_monte_carlo_noise(post, exact, name, cfg):
