@@ -274,19 +274,26 @@ def _parse_cases(raw, source: str) -> tuple[CaseSpec, ...]:
     return tuple(out)
 
 
-def load_experiment(name_or_path: str | Path, overrides: Sequence[str] = (), *, quick: bool = False) -> ExperimentSpec:
+def load_experiment(name_or_path: str | Path, overrides: Sequence[str] = (), *, quick: bool = False,
+                    cases: Sequence[str] | None = None) -> ExperimentSpec:
     """The experiment called ``name_or_path`` (a file in :func:`experiments_dir` or a TOML path).
 
     ``overrides`` are ``section.key=value`` strings: sections ``experiment``, ``scan``, ``methods``,
     ``pipeline.<stage>`` — or a pipeline stage directly (``dip.iterations=200``). ``quick`` applies
-    the spec's own ``experiment.quick`` overrides first.
+    the spec's own ``experiment.quick`` overrides first. ``cases`` keeps only the named cases.
     """
     path = _resolve(name_or_path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    cases = _parse_cases(raw.pop("case", None), str(path))
+    all_cases = _parse_cases(raw.pop("case", None), str(path))
+    if cases:
+        known = {c.name: c for c in all_cases}
+        bad = [c for c in cases if c not in known]
+        if bad:
+            raise ConfigError(f"unknown case {bad[0]!r} in {path.stem}; cases: {', '.join(known)}")
+        all_cases = tuple(known[c] for c in dict.fromkeys(cases))
     spec = config_from_dict(raw, source=str(path), cfg_cls=ExperimentSpec)
     if quick and spec.experiment.quick:
         spec = apply_overrides(spec, [_normalise_override(o) for o in spec.experiment.quick])
@@ -294,7 +301,7 @@ def load_experiment(name_or_path: str | Path, overrides: Sequence[str] = (), *, 
         spec = apply_overrides(spec, [_normalise_override(o) for o in overrides])
     if not spec.experiment.name:
         spec = apply_overrides(spec, {"experiment.name": path.stem})
-    spec.cases = cases
+    spec.cases = all_cases
     _validate(spec, str(path))
     return spec
 

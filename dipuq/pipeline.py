@@ -28,7 +28,6 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import subprocess

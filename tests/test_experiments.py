@@ -175,6 +175,7 @@ def test_bad_input_one_line_exit_2(exp_dir, tmp_path, capsys):
         ["experiment", "run", "tiny", "--set", "dip.iteratons=5"],
         ["experiment", "run", "tiny", "--set", "methods.run=bayes-sgd,magic"],
         ["experiment", "run", "tiny", "--set", "scan.shape=4,4"],
+        ["experiment", "run", "tiny", "--cases", "a99"],
     ]
     errs = []
     for argv in cases:

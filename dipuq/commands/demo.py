@@ -26,7 +26,7 @@ SETTINGS = {
         "dip.iterations": 1500, "dip.lr": 2e-3, "dip.gamma": 1e-4, "dip.network.scales": 3,
         "dip.network.channels": 8, "dip.network.skip_channels": 4,
         "linearise.diag_probes": 32,
-        "posterior.em_rounds": 3, "posterior.em_samples": 6,
+        "posterior.em_rounds": 2, "posterior.em_samples": 4,
         "sampler.n_samples": 32, "sampler.n_steps": 300, "sampler.chains_per_batch": 16,
     }),
     "quick": (16, 12, 0.02, {

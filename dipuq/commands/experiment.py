@@ -38,6 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--out", "-o", default=None, metavar="DIR", help="experiment folder (default: runs/NAME[-quick])")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one spec value (repeatable)")
+    run.add_argument("--cases", default=None, metavar="A,B", help="run only these cases (comma-separated names)")
     run.add_argument("--quick", action="store_true", help="the experiment's smoke-test sizes (minutes, not meaningful numbers)")
     run.add_argument("--force", action="store_true", help="discard earlier results in the folder and start over")
     run.add_argument("--no-figures", dest="figures", action="store_false", help="skip the comparison figures")
@@ -82,7 +83,8 @@ def run_main(args: argparse.Namespace) -> int:
     from dipuq.experiments import load_experiment, run_experiment
 
     seeds = parse_seeds(args.seeds)
-    spec = load_experiment(args.name, args.overrides, quick=args.quick)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    spec = load_experiment(args.name, args.overrides, quick=args.quick, cases=cases)
     out = args.out or str(Path("runs") / (spec.name + ("-quick" if args.quick else "")))
     res = run_experiment(spec, out, seeds, force=args.force, progress=not args.quiet, figures=args.figures)
     if not args.quiet:
