@@ -241,8 +241,9 @@ def reliability_diagram(
     ax.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="perfectly calibrated")
     ax.fill_between([0, 1], [0, 0], [0, 1], color="tab:red", alpha=0.06, lw=0)
     ax.fill_between([0, 1], [0, 1], [1, 1], color="tab:blue", alpha=0.06, lw=0)
-    ax.text(0.97, 0.04, "over-confident\n(σ too small)", ha="right", va="bottom", fontsize=8, color="tab:red")
-    ax.text(0.03, 0.96, "under-confident\n(σ too large)", ha="left", va="top", fontsize=8, color="tab:blue")
+    box = {"facecolor": "white", "alpha": 0.75, "edgecolor": "none", "pad": 1.5}
+    ax.text(0.97, 0.03, "over-confident\n(σ too small)", ha="right", va="bottom", fontsize=8, color="tab:red", bbox=box)
+    ax.text(0.55, 0.97, "under-confident (σ too large)", ha="center", va="top", fontsize=8, color="tab:blue", bbox=box)
     if np.ndim(nominal[0]) == 0:
         nominal, empirical = [nominal], [empirical]
     labels = list(labels) if labels else [None] * len(nominal)
@@ -255,7 +256,7 @@ def reliability_diagram(
     ax.set_ylabel("fraction of voxels with x_ref inside")
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.86), fontsize=8, frameon=False)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 0.13), fontsize=8, framealpha=0.8)
     return fig
 
 
