@@ -895,7 +895,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
 def _fmt(v: float, s: float, f: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    return f.format(v) + (f" ± {f.format(s)}" if s and not math.isnan(s) else "")
+    spread = f.format(s) if s and not math.isnan(s) else ""
+    return f.format(v) + (f" ± {spread}" if spread and float(spread) != 0 else "")
 
 
 def _table_markdown(spec: ExperimentSpec, table: list[dict], seeds: int) -> str:

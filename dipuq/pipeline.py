@@ -178,6 +178,11 @@ class RunContext:
     values: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    dist: Any = None  # dipuq.distributed.DistContext: rank 0 writes, all ranks sample
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
 
     def __getitem__(self, name: str):
         if name not in self.values:
@@ -388,7 +393,10 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
         scfg = ctx.config.sampler
         sampler = make_sampler(scfg.method, scfg)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("posterior")))
-        states = iterate_em(post, sampler, cfg.em_rounds, cfg.em_samples, seed=seed, rtol=cfg.em_rtol)
+        from dipuq.distributed import em_hooks
+
+        states = iterate_em(post, sampler, cfg.em_rounds, cfg.em_samples, seed=seed, rtol=cfg.em_rtol,
+                            **em_hooks(ctx.dist))
         bar = ctx.tqdm(total=cfg.em_rounds, desc="EM for g", unit="round")
         try:
             while True:
@@ -404,14 +412,16 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
                 bar.set_postfix(g=f"{st.g_new:.3g}", gamma=f"{st.gamma:.3g}")
         finally:
             bar.close()
-    post.save(ctx.path("posterior", "posterior.pt"))
-    atomic_write_json(ctx.path("posterior", "em.json"), em)
+    if ctx.is_main:
+        post.save(ctx.path("posterior", "posterior.pt"))
+        atomic_write_json(ctx.path("posterior", "em.json"), em)
     ctx["posterior"], ctx["em"] = post, em
     return {"g": post.g, "sigma2": sigma2, "sigma2_source": source}
 
 
 def stage_sampler(ctx: RunContext, cfg) -> dict:
     """Draw ``n_samples`` posterior samples, streaming their moments; resumes batch by batch."""
+    from dipuq.distributed import sample_distributed
     from dipuq.samplers import make_sampler
     from dipuq.uncertainty import Moments
 
@@ -420,8 +430,10 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("sampler")))
     partial = ctx.path("sampler", "partial.pt")
     moments, history, done = Moments(post.model.image_shape, device=ctx.device), [], 0
-    if partial.exists():  # chains are a pure function of (seed, chain): continue where we stopped
-        st = _torch_load(partial)
+    st = _torch_load(partial) if ctx.is_main and partial.exists() else None
+    if ctx.dist is not None and ctx.dist.is_distributed:
+        st = ctx.dist.broadcast_object(st)  # every rank continues from rank 0's checkpoint
+    if st is not None:  # chains are a pure function of (seed, chain): continue where we stopped
         if st.get("seed") == seed:
             moments = Moments.from_state_dict(st["moments"])
             moments.s1, moments.s2 = moments.s1.to(ctx.device), moments.s2.to(ctx.device)
@@ -432,19 +444,23 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
     t0 = time.perf_counter()
     try:
         while done < cfg.n_samples:
-            chains = list(range(done, min(done + cfg.chains_per_batch, cfg.n_samples)))
-            res = sampler.sample(post, chains=chains, seed=seed, moments=moments)
+            world = ctx.dist.world_size if ctx.dist is not None else 1
+            chains = list(range(done, min(done + cfg.chains_per_batch * world, cfg.n_samples)))
+            res = sample_distributed(sampler, post, chains=chains, seed=seed, ctx=ctx.dist, moments=moments)
             history += [{k: to_jsonable(v) for k, v in h.items()} for h in res.history]
             done = chains[-1] + 1
-            _torch_save({"seed": seed, "done": done, "moments": moments.state_dict(), "history": history}, partial)
+            if ctx.is_main:
+                _torch_save({"seed": seed, "done": done, "moments": moments.state_dict(), "history": history}, partial)
             bar.update(len(chains))
     finally:
         bar.close()
-    _torch_save(moments.state_dict(), ctx.path("sampler", "moments.pt"))
     sampling = {"method": cfg.method, "n_samples": moments.n, "seed": seed, "history": history,
-                "seconds_this_session": time.perf_counter() - t0}
-    atomic_write_json(ctx.path("sampler", "sampling.json"), sampling)
-    partial.unlink(missing_ok=True)
+                "seconds_this_session": time.perf_counter() - t0,
+                "processes": ctx.dist.world_size if ctx.dist is not None else 1}
+    if ctx.is_main:
+        _torch_save(moments.state_dict(), ctx.path("sampler", "moments.pt"))
+        atomic_write_json(ctx.path("sampler", "sampling.json"), sampling)
+        partial.unlink(missing_ok=True)
     ctx["moments"], ctx["sampling"] = moments, sampling
     return {"n_samples": moments.n}
 
@@ -694,6 +710,21 @@ def run_pipeline(
     force : discard an existing run in ``run_dir`` first
     log : where stage lines go (default: stderr when ``progress``, else nowhere)
     """
+    from dipuq.distributed import init_distributed
+
+    with init_distributed(device=device if isinstance(device, torch.device) else (device or "auto")) as dist:
+        if not dist.is_main:
+            progress, log = False, (lambda msg: None)
+        if dist.is_distributed:
+            device = dist.device
+        return _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force, log, dist)
+
+
+# Stages every rank runs under torchrun; the others run on rank 0 only (samples are sharded).
+_ALL_RANKS = ("posterior", "sampler")
+
+
+def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force, log, dist) -> RunResult | None:
     config = config or Config()
     if backend is not None:
         config = config.replace({"operator.backend": backend})
@@ -711,17 +742,20 @@ def run_pipeline(
     if run.root.exists() and not run.root.is_dir():
         raise DipuqError(f"--out {run.root} exists and is not a folder")
     request = _request(scan, config, seed)
-    if force:
-        run.clear()
-    else:
-        _check_same_request(run, request, config)
-    run.create()
-    atomic_write_text(run.path(CONFIG_FILE), dumps_config(config))
-    atomic_write_json(run.path("stages", REQUEST_FILE), request)
-
-    ctx = RunContext(run, config, seed, dev, progress, input_scan=scan, log=log)
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
-    done = [s for s in STAGES if run.is_done(s, key)]
+
+    def prepare_run_dir():
+        if force:
+            run.clear()
+        else:
+            _check_same_request(run, request, config)
+        run.create()
+        atomic_write_text(run.path(CONFIG_FILE), dumps_config(config))
+        atomic_write_json(run.path("stages", REQUEST_FILE), request)
+        return [s for s in STAGES if run.is_done(s, key)]
+
+    done = dist.on_main(prepare_run_dir)  # only rank 0 touches the run directory
+    ctx = RunContext(run, config, seed, dev, progress, input_scan=scan, log=log, dist=dist)
     first_todo = next((s for s in STAGES if s not in done), None)
     resumed = None
     if done and first_todo is not None:
@@ -738,14 +772,25 @@ def run_pipeline(
     started = time.time()
     backend_used = None
     todo = STAGES[STAGES.index(first_todo):] if first_todo is not None else ()
-    for s in todo:  # forget markers of everything we will (re)run; partial work of the same request stays
-        (run.stage_dir(s) / run.MARKER).unlink(missing_ok=True)
+    if ctx.is_main:
+        for s in todo:  # forget markers of everything we will (re)run; partial work of the same request stays
+            (run.stage_dir(s) / run.MARKER).unlink(missing_ok=True)
+    synced = not dist.is_distributed
     for i, name in enumerate(todo):
         fn, section = STAGE_FUNCS[name]
+        if not synced and name in _ALL_RANKS:
+            _share_with_ranks(ctx, todo)
+            synced = True
+        if not ctx.is_main and name not in _ALL_RANKS:
+            if STAGES.index(name) > STAGES.index(_ALL_RANKS[-1]):
+                break  # rank 0 alone writes maps, metrics, figures and the report
+            continue
         log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {STAGE_TITLES[name]}")
         t0 = time.perf_counter()
         summary = fn(ctx, getattr(config, section))
         ctx.timings[name] = time.perf_counter() - t0
+        if not ctx.is_main:
+            continue
         run.mark_done(name, key, seconds=ctx.timings[name], summary=to_jsonable(summary or {}))
         for leftover in _CLEANUP.get(name, ()):  # resume-within-stage files, obsolete once the stage is done
             run.stage_dir(name).joinpath(leftover).unlink(missing_ok=True)
@@ -754,6 +799,8 @@ def run_pipeline(
         if name != "report":  # the report embeds provenance: keep it current before the report stage
             atomic_write_json(run.path("provenance.json"), _provenance(ctx, backend_used or config.operator.backend,
                                                                       "running", started, resumed))
+    if not ctx.is_main:
+        return None
     if backend_used is None:
         old = run.path("provenance.json")
         backend_used = json.loads(old.read_text()).get("backend") if old.exists() else config.operator.backend
@@ -765,3 +812,27 @@ def run_pipeline(
         total = sum(ctx.timings.get(s, 0.0) for s in todo)
         log(f"dipuq: done in {total:.1f} s -> {run.root}" + (f"/report.html" if config.output.report else ""))
     return RunResult(run.root, recon, std, metrics, dict(ctx.timings), resumed)
+
+
+def _share_with_ranks(ctx: RunContext, todo) -> None:
+    """Send rank 0's scan, DIP fit and g-prior scales (and a finished posterior) to every rank."""
+    names = ["scan", "dip", "scale"] + (["posterior"] if "posterior" not in todo else [])
+
+    def pack():
+        vals = {k: ctx[k] for k in names}
+        if "posterior" in vals:
+            vals["posterior"] = vals["posterior"].state_dict()
+        return vals
+
+    vals = ctx.dist.on_main(pack)
+    if ctx.is_main:
+        return
+    post_state = vals.pop("posterior", None)
+    vals["scale"] = vals["scale"].to(ctx.device)
+    ctx.values.update(vals)
+    if post_state is not None:
+        from dipuq.posterior import Posterior
+
+        ctx["posterior"] = Posterior(ctx["model"], ctx["A"], post_state["y"], sigma2=post_state["sigma2"],
+                                     g=post_state["g"], scale=post_state["scale"].to(ctx.device),
+                                     prior_center=post_state["prior_center"])
