@@ -81,6 +81,6 @@ def main(args: argparse.Namespace) -> int:
     scan = demo_scan(n, views, noise)
     result = run_pipeline(scan, config, out, seed=seed, device=args.device, backend=args.backend,
                           progress=not args.quiet, force=args.force)
-    if not args.quiet:
+    if result is not None and not args.quiet:  # None on torchrun ranks other than 0
         _summary(result)
     return 0

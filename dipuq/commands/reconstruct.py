@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     scan = load_scan(args.scan)
     result = run_pipeline(scan, config, args.out, seed=seed, device=args.device, backend=args.backend,
                           progress=not args.quiet, force=args.force)
-    if not args.quiet:
+    if result is not None and not args.quiet:  # None on torchrun ranks other than 0
         _summary(result)
     return 0
 
