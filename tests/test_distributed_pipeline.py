@@ -28,7 +28,12 @@ def test_torchrun_reconstruct_matches_single_process(tmp_path: Path):
     g = Geometry.parallel2d(np.linspace(0, np.pi, 10, endpoint=False), (20, 20))
     scan = simulate_scan(shepp_logan((20, 20)), g, noise="gaussian", generator=torch.Generator().manual_seed(0))
     scan.save(tmp_path / "tiny.npz")
-    assert main(["reconstruct", str(tmp_path / "tiny.npz"), "--out", str(tmp_path / "one"), *TINY]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun ranks (OMP_NUM_THREADS=1): same float32 reduction order
+    try:
+        assert main(["reconstruct", str(tmp_path / "tiny.npz"), "--out", str(tmp_path / "one"), *TINY]) == 0
+    finally:
+        torch.set_num_threads(threads)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node", "2",
            "-m", "dipuq", "reconstruct", str(tmp_path / "tiny.npz"), "--out", str(tmp_path / "two"), *TINY]
