@@ -585,7 +585,8 @@ def _run_bayes(job: _Job, method: str):
         shared = _share_fit(job, job.folder / "bayes-sgd", run, cfg)
         if shared:
             job.log(f"    sharing the DIP fit of bayes-sgd (stages {', '.join(SHARED_STAGES)})")
-    res = run_pipeline(job.scan, cfg, run, seed=job.seed, device=job.device, progress=job.progress,
+    bars = job.progress and sys.stderr.isatty()  # progress bars only on a terminal, stage lines always
+    res = run_pipeline(job.scan, cfg, run, seed=job.seed, device=job.device, progress=bars,
                        log=(lambda m: job.log("    " + m)) if job.progress else (lambda m: None))
     em = json.loads((run / "stages" / "05_posterior" / "em.json").read_text()) if (run / "stages" / "05_posterior" / "em.json").exists() else {}
     extra = {"g": (em.get("g_trace") or [None])[-1], "sigma2": em.get("sigma2"), "shared_fit": shared,

@@ -454,15 +454,39 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
             bar.update(len(chains))
     finally:
         bar.close()
+    residual = _sampler_residual(history)
     sampling = {"method": cfg.method, "n_samples": moments.n, "seed": seed, "history": history,
                 "seconds_this_session": time.perf_counter() - t0,
-                "processes": ctx.dist.world_size if ctx.dist is not None else 1}
+                "processes": ctx.dist.world_size if ctx.dist is not None else 1,
+                "final_relative_residual": residual}
+    if residual is not None and residual > SAMPLER_RESIDUAL_WARN:
+        knob = "sampler.n_steps" if cfg.method == "sgd" else "sampler.cg_max_iter / sampler.cg_tol"
+        ctx.log(f"dipuq: warning: the {cfg.method} sampler stopped at {residual:.2g} of its initial gradient/residual "
+                f"norm (> {SAMPLER_RESIDUAL_WARN:g}): samples are not converged and the std map is biased "
+                f"(sgd: too large); raise {knob} or sampler.precond_rank")
     if ctx.is_main:
         _torch_save(moments.state_dict(), ctx.path("sampler", "moments.pt"))
         atomic_write_json(ctx.path("sampler", "sampling.json"), sampling)
         partial.unlink(missing_ok=True)
     ctx["moments"], ctx["sampling"] = moments, sampling
-    return {"n_samples": moments.n}
+    return {"n_samples": moments.n, "final_relative_residual": residual}
+
+
+#: Above this final relative gradient (sgd) or residual (cg) norm, a run warns that its samples
+#: are not converged. sgd starts each chain at its prior draw, so an unconverged chain keeps part
+#: of the prior's variance and the std map comes out too large.
+SAMPLER_RESIDUAL_WARN = 0.1
+
+
+def _sampler_residual(history: list[dict]) -> float | None:
+    """Worst (over batches) final/initial norm of the sampler's gradient or residual trace."""
+    worst = None
+    for h in history:
+        trace = h.get("grad_norm") or []
+        if len(trace) >= 2 and trace[0] > 0:
+            r = float(trace[-1]) / float(trace[0])
+            worst = r if worst is None else max(worst, r)
+    return worst
 
 
 def stage_maps(ctx: RunContext, cfg) -> dict:
@@ -504,6 +528,9 @@ def stage_metrics(ctx: RunContext, cfg) -> dict:
     if maps.std_se is not None:
         m["std_mc_rel_error"] = float(np.mean(maps.std_se / np.maximum(maps.std, 1e-30)))
     m["n_samples"] = int(maps.n_samples)
+    residual = ctx["sampling"].get("final_relative_residual")
+    if residual is not None:
+        m["sampler_relative_residual"] = float(residual)
     atomic_write_json(ctx.run.path("metrics.json"), m)
     ctx["metrics"] = m
     return {k: m[k] for k in ("psnr", "coverage_90", "calibration_error") if k in m}
