@@ -478,7 +478,8 @@ def build_scan(spec: ExperimentSpec, case: CaseSpec, seed: int, device="cpu"):
     full = full.replace(reference=ref)
     if s.reference == "fbp" and full.geometry.n_angles >= 4:
         # Noise floor of the reference: FBPs of the even and odd halves of the angles differ by
-        # noise of variance ≈ 4× that of the full FBP, so std(full) ≈ std(even − odd) / 2.
+        # noise of variance ≈ 4× that of the full FBP, so std(full) ≈ std(even − odd) / 2 (an
+        # upper estimate: the two half-sampled FBPs also differ in their streak artefacts).
         n = full.geometry.n_angles
         halves = []
         for start in (0, 1):
