@@ -510,6 +510,7 @@ class _Job:
     device: torch.device
     progress: bool
     log: Callable[[str], None]
+    dist: Any = None  # the torchrun context when rank 0 drives other ranks, else None
     _A: Any = None
 
     @property
@@ -587,6 +588,9 @@ def _run_bayes(job: _Job, method: str):
         if shared:
             job.log(f"    sharing the DIP fit of bayes-sgd (stages {', '.join(SHARED_STAGES)})")
     bars = job.progress and sys.stderr.isatty()  # progress bars only on a terminal, stage lines always
+    if job.dist is not None:  # the other torchrun ranks join this run (they shard the sampling)
+        job.dist.broadcast_object({"scan": job.scan, "config": cfg, "run": str(run), "seed": job.seed,
+                                   "device": str(job.device)})
     res = run_pipeline(job.scan, cfg, run, seed=job.seed, device=job.device, progress=bars,
                        log=(lambda m: job.log("    " + m)) if job.progress else (lambda m: None))
     em = json.loads((run / "stages" / "05_posterior" / "em.json").read_text()) if (run / "stages" / "05_posterior" / "em.json").exists() else {}
@@ -748,8 +752,12 @@ def run_experiment(
     progress: bool = True,
     figures: bool = True,
     log: Callable[[str], None] | None = None,
-) -> ExperimentResult:
+) -> ExperimentResult | None:
     """Run (or resume) every (seed, case, method) of ``spec`` into ``out`` and aggregate.
+
+    Under ``torchrun`` rank 0 drives the experiment (scans, baselines, tables, figures) and the
+    other ranks join each Bayes-DIP pipeline run, where the posterior sampling is sharded over
+    all ranks; they return None.
 
     Parameters
     ----------
@@ -760,6 +768,29 @@ def run_experiment(
     progress : stage lines and progress bars on stderr
     figures : write comparison figures (seed 0) into ``out/figures``
     """
+    from dipuq.distributed import init_distributed
+
+    with init_distributed(device=spec.experiment.device) as dist:
+        if not dist.is_distributed:
+            return _run_experiment(spec, out, seeds, force, progress, figures, log, None)
+        if not dist.is_main:
+            _serve_pipeline_runs(dist)
+            return None
+        try:
+            return _run_experiment(spec, out, seeds, force, progress, figures, log, dist)
+        finally:
+            dist.broadcast_object(None)  # releases the other ranks (also when rank 0 failed)
+
+
+def _serve_pipeline_runs(dist) -> None:
+    """Ranks > 0 under torchrun: join every pipeline run rank 0 announces, until it says stop."""
+    from dipuq.pipeline import run_pipeline
+
+    while (job := dist.broadcast_object(None)) is not None:
+        run_pipeline(job["scan"], job["config"], job["run"], seed=job["seed"], device=job["device"], progress=False)
+
+
+def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> ExperimentResult:
     from dipuq.pipeline import _git_commit, _versions, resolve_device, scan_digest
     from dipuq.rundir import atomic_save_npy, atomic_write_text
 
@@ -805,7 +836,7 @@ def run_experiment(
                         scan.save(tmp)
                     scan = type(scan).load(scan_path)  # exactly what a resumed run will see
                 digest = scan_digest(scan)
-                job = _Job(spec, case, seed, scan, folder, device, progress, log)
+                job = _Job(spec, case, seed, scan, folder, device, progress, log, dist)
                 for method in _ordered(spec.methods.run):
                     mdir = folder / method
                     key = _method_key(spec, method, digest, seed)

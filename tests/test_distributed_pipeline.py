@@ -47,3 +47,61 @@ def test_torchrun_reconstruct_matches_single_process(tmp_path: Path):
     assert np.array_equal(np.load(tmp_path / "one" / "recon.npy"), np.load(tmp_path / "two" / "recon.npy"))
     sampling = (tmp_path / "two" / "stages" / "06_sampler" / "sampling.json").read_text()
     assert '"processes": 2' in sampling
+
+
+@pytest.mark.slow
+def test_torchrun_experiment_matches_single_process(tmp_path: Path):
+    """`dipuq experiment run` under torchrun: rank 0 drives, both ranks shard the Bayes-DIP sampling."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed next to this Python")
+    spec = tmp_path / "tiny.toml"
+    spec.write_text("""\
+[experiment]
+seeds = 1
+[scan]
+source = "phantom"
+shape = [24, 24]
+noise_level = 0.02
+[[case]]
+name = "a10"
+angles = 10
+[methods]
+run = ["bayes-sgd", "bayes-cg", "fbp"]
+cg_max_iter = 20
+[pipeline.dip]
+iterations = 15
+[pipeline.dip.network]
+scales = 2
+channels = 4
+skip_channels = 1
+[pipeline.linearise]
+diag_probes = 4
+[pipeline.posterior]
+em_rounds = 1
+em_samples = 2
+[pipeline.sampler]
+n_samples = 4
+n_steps = 10
+chains_per_batch = 2
+precond_rank = 8
+[pipeline.output]
+figures = false
+report = false
+tiff = false
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = ["-m", "dipuq", "experiment", "run", str(spec), "--quiet", "--no-figures"]
+    one = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", *base, "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for method in ("bayes-sgd", "bayes-cg"):
+        a = np.load(tmp_path / "one" / "seed0" / "a10" / method / "std.npy")
+        b = np.load(tmp_path / "two" / "seed0" / "a10" / method / "std.npy")
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * float(a.max()))  # tolerance: see above
+        sampling = (tmp_path / "two" / "seed0" / "a10" / method / "stages" / "06_sampler" / "sampling.json")
+        assert '"processes": 2' in sampling.read_text()
+    assert (tmp_path / "two" / "table.md").exists()

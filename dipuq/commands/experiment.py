@@ -87,7 +87,7 @@ def run_main(args: argparse.Namespace) -> int:
     spec = load_experiment(args.name, args.overrides, quick=args.quick, cases=cases)
     out = args.out or str(Path("runs") / (spec.name + ("-quick" if args.quick else "")))
     res = run_experiment(spec, out, seeds, force=args.force, progress=not args.quiet, figures=args.figures)
-    if not args.quiet:
+    if res is not None and not args.quiet:  # None on torchrun ranks other than 0
         print(res.table_md)
         print(f"experiment folder: {res.out}  ({res.computed} run(s) computed, {res.skipped} reused)")
         print(f"  table.md / table.csv  mean ± std over seeds;  results.csv  one row per seed, case and method")
