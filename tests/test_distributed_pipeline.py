@@ -67,8 +67,7 @@ noise_level = 0.02
 name = "a10"
 angles = 10
 [methods]
-run = ["bayes-sgd", "bayes-cg", "fbp"]
-cg_max_iter = 20
+run = ["bayes-sgd", "fbp"]
 [pipeline.dip]
 iterations = 15
 [pipeline.dip.network]
@@ -98,7 +97,7 @@ tiff = false
     two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", *base, "--out",
                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    for method in ("bayes-sgd", "bayes-cg"):
+    for method in ("bayes-sgd",):
         a = np.load(tmp_path / "one" / "seed0" / "a10" / method / "std.npy")
         b = np.load(tmp_path / "two" / "seed0" / "a10" / method / "std.npy")
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * float(a.max()))  # tolerance: see above
