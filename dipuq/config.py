@@ -114,6 +114,7 @@ class PosteriorConfig:
     g_init: float = option(1.0, "initial prior variance g", gt=0.0)
     prior_center: Literal["zero", "map"] = option("zero", "centre of the weight prior: θ = 0 (EM for g is informative) or θ*")
     em_rounds: int = option(3, "sample-based EM rounds updating g (0 = keep g_init)", ge=0)
+    em_sampler: Literal["cg", "sgd", "exact", "same"] = option("cg", "solver for the EM rounds: cg (robust at any g: early rounds at a poor g are badly conditioned, where sgd does not converge and its unconverged samples push g further off), sgd, exact, or 'same' as sampler.method")
     em_samples: int = option(8, "posterior samples per EM round", ge=1)
     em_rtol: float = option(0.0, "stop EM early when |Δg|/g falls below this (0 = run all rounds)", ge=0.0)
 

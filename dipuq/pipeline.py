@@ -391,7 +391,7 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
     em = {"sigma2": sigma2, "sigma2_source": source, "g_trace": [post.g], "gamma_trace": [], "u_norm2": []}
     if cfg.em_rounds:
         scfg = ctx.config.sampler
-        sampler = make_sampler(scfg.method, scfg)
+        sampler = make_sampler(scfg.method if cfg.em_sampler == "same" else cfg.em_sampler, scfg)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("posterior")))
         from dipuq.distributed import em_hooks
 
