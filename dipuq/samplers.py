@@ -520,10 +520,20 @@ class CGSampler(Sampler):
         return apply
 
     def solve(self, post, w0, eps, chains, init=None):
+        # The CG vectors live in float64 (they are measurement-sized, cheap): in float32 the
+        # recurrences lose orthogonality on ill-conditioned K + σ²I (large g early in EM) and
+        # rᵀz underflows, which made β overflow to inf. Only the K products run in the model dtype.
         cfg = self.cfg
         bsz = w0.shape[0]
-        rhs = eps - post.AJ(w0)  # shape: (b, *range_shape)
-        Pinv = self._precond(post)
+        rhs = (eps - post.AJ(w0)).double()  # shape: (b, *range_shape)
+        Pinv32 = self._precond(post)
+        dt = post.model.dtype
+
+        def Pinv(v):
+            return Pinv32(v.to(dt)).double() if dt != torch.float64 else Pinv32(v)
+
+        def K(v):
+            return post.kernel_matvec(v.to(dt)).double()
 
         def dot(a, b):
             return (a.reshape(bsz, -1) * b.reshape(bsz, -1)).sum(1)
@@ -534,7 +544,7 @@ class CGSampler(Sampler):
             res = rhs.clone()
         else:
             alpha = init.to(rhs).reshape(rhs.shape).clone()
-            res = rhs - post.kernel_matvec(alpha)
+            res = rhs - K(alpha)
         zr = Pinv(res)
         pdir = zr.clone()
         rz = dot(res, zr)
@@ -543,20 +553,21 @@ class CGSampler(Sampler):
             rel = dot(res, res).sqrt() / bnorm
             if not torch.isfinite(rel).all():
                 raise DivergenceError(f"cg sampler produced NaN/inf at iteration {it}: check J, A and sigma2")
-            active = rel > cfg.cg_tol
-            yield SamplerState(self.key, chains, it, alpha, None, rel)
+            active = (rel > cfg.cg_tol) & (rz > 0)  # rᵀP⁻¹r = 0: the chain is solved to round-off
+            yield SamplerState(self.key, chains, it, alpha.to(dt), None, rel)
             if not bool(active.any()):
                 break
-            Kp = post.kernel_matvec(pdir)
+            Kp = K(pdir)
             pKp = dot(pdir, Kp)
             a = torch.where(active & (pKp > 0), rz / pKp.clamp(min=1e-30), torch.zeros_like(rz))
             alpha = alpha + a.reshape(shape) * pdir
             res = res - a.reshape(shape) * Kp
             zr = Pinv(res)
             rz_new = dot(res, zr)
-            beta = torch.where(active, rz_new / rz.clamp(min=1e-30), torch.zeros_like(rz))
+            beta = torch.where(active & (rz > 0), rz_new / rz.clamp(min=1e-300), torch.zeros_like(rz))
             pdir = zr + beta.reshape(shape) * pdir
             rz = rz_new
+        alpha = alpha.to(dt)
         z = w0 + post.g * post.JTAT(alpha)
         return z, alpha.reshape(bsz, -1)
 
