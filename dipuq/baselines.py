@@ -35,8 +35,8 @@ from typing import ClassVar
 
 import torch
 
-from dipuq.dip import DipConfig, DipResult, run_dip, tv_anisotropic
-from dipuq.errors import ConfigError, DataError
+from dipuq.dip import DipConfig, DipResult, check_projections, run_dip, tv_anisotropic
+from dipuq.errors import ConfigError
 from dipuq.networks import NetworkConfig, UNet
 
 __all__ = [
@@ -83,21 +83,7 @@ class Baseline:
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
-def _validate(A, y: torch.Tensor) -> torch.Tensor:
-    rng = tuple(A.range_shape)
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
-    if tuple(y.shape) != rng:
-        ys = tuple(y.shape)
-        while len(ys) > len(rng) and ys[0] == 1:
-            ys = ys[1:]
-        if ys != rng:
-            raise DataError(f"projections of shape {tuple(y.shape)} do not match the operator's range shape {rng}")
-    y = y.reshape(rng).to(dtype=A.dtype, device=A.device)
-    bad = int((~torch.isfinite(y)).sum())
-    if bad:
-        raise DataError(f"projections contain {bad} NaN/inf values (of {y.numel()}); clean or mask them first")
-    return y
+_validate = check_projections
 
 
 def _recon_module():

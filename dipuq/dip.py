@@ -275,8 +275,9 @@ class DipState:
         return self.fit.best_recon
 
 
-def _check_inputs(net: UNet, A, y: torch.Tensor, x_input: torch.Tensor | None):
-    dom, rng = tuple(A.domain_shape), tuple(A.range_shape)
+def check_projections(A, y) -> torch.Tensor:
+    """``y`` as a finite tensor of A's range shape (leading singleton dims dropped), A's dtype/device."""
+    rng = tuple(A.range_shape)
     if isinstance(y, np.ndarray):
         y = torch.as_tensor(y)
     if not isinstance(y, torch.Tensor):
@@ -290,6 +291,12 @@ def _check_inputs(net: UNet, A, y: torch.Tensor, x_input: torch.Tensor | None):
     bad = int((~torch.isfinite(y)).sum())
     if bad:
         raise DataError(f"projections contain {bad} NaN/inf values (of {y.numel()}); clean or mask them first")
+    return y
+
+
+def _check_inputs(net: UNet, A, y: torch.Tensor, x_input: torch.Tensor | None):
+    dom = tuple(A.domain_shape)
+    y = check_projections(A, y)
     if getattr(net, "ndim", len(dom)) != len(dom):
         raise ConfigError(f"network is {net.ndim}D but the operator's volume shape {dom} is {len(dom)}D")
     pdt = next(net.parameters()).dtype

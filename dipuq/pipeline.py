@@ -837,7 +837,7 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
     metrics = json.loads(run.path("metrics.json").read_text()) if run.path("metrics.json").exists() else None
     if todo:
         total = sum(ctx.timings.get(s, 0.0) for s in todo)
-        log(f"dipuq: done in {total:.1f} s -> {run.root}" + (f"/report.html" if config.output.report else ""))
+        log(f"dipuq: done in {total:.1f} s -> {run.root}" + ("/report.html" if config.output.report else ""))
     return RunResult(run.root, recon, std, metrics, dict(ctx.timings), resumed)
 
 

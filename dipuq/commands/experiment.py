@@ -90,7 +90,7 @@ def run_main(args: argparse.Namespace) -> int:
     if res is not None and not args.quiet:  # None on torchrun ranks other than 0
         print(res.table_md)
         print(f"experiment folder: {res.out}  ({res.computed} run(s) computed, {res.skipped} reused)")
-        print(f"  table.md / table.csv  mean ± std over seeds;  results.csv  one row per seed, case and method")
+        print("  table.md / table.csv  mean ± std over seeds;  results.csv  one row per seed, case and method")
         for f in res.figures:
             print(f"  {f}")
     return 0
