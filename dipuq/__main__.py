@@ -1,5 +1,3 @@
-import sys
+from dipuq.cli import run
 
-from dipuq.cli import main
-
-sys.exit(main())
+run()

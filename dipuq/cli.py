@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dipuq import __version__
@@ -62,5 +63,21 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(msg.split())
 
 
+def run() -> None:
+    """Console-script entry: :func:`main`, then exit with its code.
+
+    A torchrun rank (it formed a process group) leaves through ``os._exit`` after flushing its
+    output, skipping the interpreter teardown in which native communication threads can abort a
+    finished rank (see :func:`dipuq.distributed.made_process_group`).
+    """
+    code = main()
+    dist_mod = sys.modules.get("dipuq.distributed")
+    if dist_mod is not None and dist_mod.made_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -39,6 +39,7 @@ Example (run under ``torchrun --nproc_per_node 2``, or plainly as one process)::
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import functools
 import os
 import socket
@@ -324,6 +325,7 @@ class DistContext:
 
 
 _CURRENT: DistContext | None = None
+_MADE_GROUP = False  # this process formed a process group (see made_process_group)
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -415,7 +417,7 @@ def init_distributed(
     wait_timeout_s : float
         Limit for waiting on rank 0's work (:meth:`DistContext.on_main`), e.g. a long DIP fit.
     """
-    global _CURRENT
+    global _CURRENT, _MADE_GROUP
     if not timeout_s > 0 or not wait_timeout_s > 0:
         raise DipuqError(f"timeouts must be positive, got timeout_s={timeout_s}, wait_timeout_s={wait_timeout_s}")
     world = _env_int("WORLD_SIZE", 1)
@@ -466,9 +468,23 @@ def init_distributed(
             f"rank {rank} could not form the process group of {world} ranks at {addr}:{port} ({backend}) within "
             f"{timeout_s:g} s: {_first_line(exc)}"
         ) from exc
+    _MADE_GROUP = True
+    if not faulthandler.is_enabled():  # a rank killed in native code still names its Python frame
+        faulthandler.enable()
     ctx = DistContext(rank, world, local_rank, dev, backend, timeout_s, wait_timeout_s, True)
     _CURRENT = ctx
     return ctx
+
+
+def made_process_group() -> bool:
+    """True when :func:`init_distributed` formed a process group in this process (a torchrun rank).
+
+    The command line then leaves with ``os._exit`` once its work is written and every rank has
+    passed the closing barrier: the native gloo/NCCL threads' static destructors, run during
+    interpreter teardown, can abort a rank that has already finished (SIGABRT, "terminate called
+    without an active exception"), turning a successful job into a failed one.
+    """
+    return _MADE_GROUP
 
 
 # --------------------------------------------------------------------------------------------
