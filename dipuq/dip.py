@@ -45,7 +45,6 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dipuq._io import atomic_path
 from dipuq.errors import ConfigError, DataError, DipuqError, DivergenceError
 from dipuq.networks import NetworkConfig, UNet
 
@@ -409,20 +409,9 @@ def _fit_loop(fit: _Fit, A, y: torch.Tensor) -> Iterator[DipState]:
 # ----------------------------------------------------------------------------------------
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace`` onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def save_checkpoint(path: str | os.PathLike, state: DipState) -> Path:

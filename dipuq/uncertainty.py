@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dipuq._io import atomic_path
 from dipuq.errors import DipuqError
 
 __all__ = ["Moments", "UncertaintyMaps", "normal_quantile"]
@@ -200,14 +200,8 @@ class UncertaintyMaps:
                   "meta": np.array(json.dumps(self.meta))}
         if self.std_se is not None:
             arrays["std_se"] = self.std_se
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
         return path
 
     @classmethod

@@ -174,3 +174,24 @@ def test_rundir_markers(tmp_path):
     (run.root / "mine.txt").write_text("keep")
     run.clear()
     assert sorted(p.name for p in run.root.iterdir()) == ["mine.txt"]
+
+
+def test_saved_files_get_umask_permissions_not_private(tmp_path):
+    """Scans, checkpoints and maps are shared with colleagues: no mkstemp 0600 files."""
+    import os
+
+    import torch
+
+    from dipuq.dip import atomic_torch_save
+    from dipuq.uncertainty import UncertaintyMaps
+
+    old = os.umask(0o022)
+    try:
+        atomic_torch_save({"a": torch.zeros(2)}, tmp_path / "c.pt")
+        UncertaintyMaps(mean=np.zeros((2, 2)), std=np.ones((2, 2)), n_samples=3).save(tmp_path / "maps.npz")
+        atomic_write_json(tmp_path / "m.json", {"v": 1})
+    finally:
+        os.umask(old)
+    for name in ("c.pt", "maps.npz", "m.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "m.json", "maps.npz"]

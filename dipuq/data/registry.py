@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dipuq._io import atomic_path
 from dipuq.errors import DataError
 
 __all__ = ["DataFile", "Dataset", "DATASETS", "register", "get", "fetch", "open_dataset", "cache_path",
@@ -306,11 +306,9 @@ def fetch(name: str | Dataset, cache_dir: str | os.PathLike | None = None,
 def download(url: str, target: str | os.PathLike, sha256: str, *, timeout: float = 60.0, hint: str = "") -> Path:
     """Download ``url`` to ``target`` atomically, verifying its SHA-256; nothing is kept on failure."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as resp:
                     for chunk in iter(lambda: resp.read(_CHUNK), b""):
@@ -323,10 +321,6 @@ def download(url: str, target: str | os.PathLike, sha256: str, *, timeout: float
         if got != sha256:
             raise DataError(f"download of {url} has SHA-256 {got[:12]}…, expected {sha256[:12]}…; "
                             "the file was discarded")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 

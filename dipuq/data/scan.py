@@ -30,12 +30,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from dipuq._io import atomic_path
 from dipuq.errors import DataError
 from dipuq.geometry import BEAMS, Geometry
 
@@ -224,15 +224,8 @@ class Scan:
             arrays["reference"] = self.reference
         if self.noise_std is not None:
             arrays["noise_std"] = np.array(self.noise_std, dtype=np.float64)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", prefix=f".{path.stem}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
         return path
 
     @classmethod
