@@ -386,8 +386,10 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
     from dipuq.samplers import iterate_em, make_sampler
 
     sigma2, source = _sigma2(ctx, cfg)
-    post = Posterior(ctx["model"], ctx["A"], ctx["y"], sigma2=sigma2, g=cfg.g_init, scale=ctx["scale"],
+    post = Posterior(ctx["model"], ctx["A"], ctx["y"], sigma2=sigma2, g=cfg.g_init or 1.0, scale=ctx["scale"],
                      prior_center=cfg.prior_center)
+    if not cfg.g_init:
+        post = post.with_g(post.weight_scale_g())
     em = {"sigma2": sigma2, "sigma2_source": source, "g_trace": [post.g], "gamma_trace": [], "u_norm2": []}
     if cfg.em_rounds:
         scfg = ctx.config.sampler
@@ -454,16 +456,18 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
             bar.update(len(chains))
     finally:
         bar.close()
-    residual = _sampler_residual(history)
+    residual = _sampler_residual(history, cfg.method)
     sampling = {"method": cfg.method, "n_samples": moments.n, "seed": seed, "history": history,
                 "seconds_this_session": time.perf_counter() - t0,
                 "processes": ctx.dist.world_size if ctx.dist is not None else 1,
-                "final_relative_residual": residual}
+                "final_relative_residual": residual, "solver": to_jsonable(sampler.describe(post))}
     if residual is not None and residual > SAMPLER_RESIDUAL_WARN:
         knob = "sampler.n_steps" if cfg.method == "sgd" else "sampler.cg_max_iter / sampler.cg_tol"
-        ctx.log(f"dipuq: warning: the {cfg.method} sampler stopped at {residual:.2g} of its initial gradient/residual "
-                f"norm (> {SAMPLER_RESIDUAL_WARN:g}): samples are not converged and the std map is biased "
-                f"(sgd: too large); raise {knob} or sampler.precond_rank")
+        what = ("an error bound of {:.2g} of the samples' data fit" if cfg.method == "sgd"
+                else "{:.2g} of its initial residual norm").format(residual)
+        ctx.log(f"dipuq: warning: the {cfg.method} sampler stopped at {what} (> {SAMPLER_RESIDUAL_WARN:g}): samples "
+                f"are not converged and the std map is biased (sgd: too large); raise {knob} or "
+                f"sampler.precond_max_rank")
     if ctx.is_main:
         _torch_save(moments.state_dict(), ctx.path("sampler", "moments.pt"))
         atomic_write_json(ctx.path("sampler", "sampling.json"), sampling)
@@ -478,14 +482,20 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
 SAMPLER_RESIDUAL_WARN = 0.1
 
 
-def _sampler_residual(history: list[dict]) -> float | None:
-    """Worst (over batches) final/initial norm of the sampler's gradient or residual trace."""
+def _sampler_residual(history: list[dict], method: str = "cg") -> float | None:
+    """Worst (over batches) convergence measure of the sampler: for sgd the final error bound
+    ||∇L||_{P⁻¹} / (σ⁻¹||AJ̃z||) (already relative to the sample), for cg the final/initial
+    residual norm."""
     worst = None
     for h in history:
         trace = h.get("grad_norm") or []
-        if len(trace) >= 2 and trace[0] > 0:
+        if method == "sgd" and trace:
+            r = float(trace[-1])
+        elif len(trace) >= 2 and trace[0] > 0:
             r = float(trace[-1]) / float(trace[0])
-            worst = r if worst is None else max(worst, r)
+        else:
+            continue
+        worst = r if worst is None else max(worst, r)
     return worst
 
 
@@ -565,10 +575,11 @@ def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
     for i, h in enumerate(sampling.get("history", [])[:4]):
         gn = np.asarray(h.get("grad_norm") or [], dtype=np.float64)
         if len(gn) > 1 and np.isfinite(gn).all() and gn[0] > 0:
-            rel = gn if sampling["method"] == "cg" else gn / gn[0]
+            rel = gn if sampling["method"] in ("cg", "sgd") else gn / gn[0]
             curves[f"chains {h['chains'][0]}–{h['chains'][-1]}"] = (np.arange(1, len(gn) + 1), rel)
     if curves:
-        what = "CG relative residual" if sampling["method"] == "cg" else "||∇L(z_t)|| / ||∇L(z_0)||"
+        what = {"cg": "CG relative residual", "sgd": "error bound ||∇L||_{P⁻¹} / (σ⁻¹||AJ̃z||)"}.get(
+            sampling["method"], "||∇L(z_t)|| / ||∇L(z_0)||")
         out["sampler"] = (f"Sampler convergence ({sampling['method']})", viz.curves_figure(
             curves, xlabel="solver step", ylabel=f"{what}, mean over chains",
             title=f"Posterior sampler ({sampling['method']}): convergence per batch of chains"))

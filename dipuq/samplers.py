@@ -24,10 +24,18 @@ of samples. The linear-model mean offset u = w̄ − w_c solves the same problem
   P⁻¹H lies in [1, κ], κ ≈ 1 + gλ_{r+1}/σ² (≈ 1 on the captured subspace): the default momentum is
   then Nesterov's (√κ−1)/(√κ+1), O(√κ) steps instead of the O(κ/10) of a fixed 0.9 (on a tiny
   problem with κ = 4.7e4, 1000 steps reached the exact std with it and left it 2.6x the MC error
-  with 0.9). Batches stop early once ||∇L|| < ``grad_tol`` × its start. Chains start at w₀, where the error
+  with 0.9). The Nyström rank starts at ``precond_rank`` and doubles while κ > ``precond_kappa``
+  (default 100, so ≈ 10·ln(1/tol) steps), within ``precond_max_rank`` and a memory cap: a fixed
+  rank let κ reach 1e5 once EM raised g, and 300 steps left the demo's std map 20x too large.
+  Batches stop early once ||∇L||_{P⁻¹} < ``grad_tol`` · σ⁻¹||AJ̃z||: since P ⪯ H,
+  σ⁻²||AJ̃e||² ≤ ||e||²_H ≤ ||∇L||²_{P⁻¹} for the error e = z − z*, so the error's data fit is
+  at most grad_tol² of the sample's (which averages γ), whatever the scale of the problem. A
+  criterion relative to the start is not enough: a chain starts at a prior sample w₀ whose misfit
+  σ⁻²||AJ̃w₀||² (1e9 on the demo) dwarfs a posterior sample's (γ ≈ 7e3).
+  Chains start at w₀, where the error
   z* − w₀ = H⁻¹σ⁻²J̃ᵀAᵀ(ε − AJ̃w₀) lies in the row space of AJ̃.
 * ``cg`` — the dual system (K + σ²I) α = ε − AJ̃w₀ by batched preconditioned CG with a randomised
-  Nyström preconditioner of K (rank ``precond_rank``; Frangella, Tropp & Udell 2023).
+  Nyström preconditioner of K (Frangella, Tropp & Udell 2023), its rank grown as for ``sgd``.
 * ``exact`` — dense Cholesky of (K + σ²I) (m ≤ p) or of H (p < m): the oracle for tiny problems.
 
 Each sampler is a generator of :class:`SamplerState` (``iterate``) plus a driver (``sample``,
@@ -63,6 +71,10 @@ __all__ = [
 ]
 
 
+#: sgd samples whose final ||∇L||_{P⁻¹} / (σ⁻¹||AJ̃z||) exceeds this are reported as unconverged
+SGD_CONVERGED = 0.1
+
+
 @dataclass
 class SamplerConfig:
     """Options of all samplers (each reads its own).
@@ -72,10 +84,15 @@ class SamplerConfig:
     None = (√κ − 1)/(√κ + 1) with κ = λmax(P⁻¹H) / λmin(P⁻¹H) and λmin = 1, or 0.9 with a fixed lr),
     ``lr_decay`` ("none" | "cosine" to ``lr_final`` × lr), ``average_from`` (Polyak averaging over
     the last fraction of steps; 0 = last iterate), ``power_iters``, ``grad_tol`` (stop a batch early
-    when every chain's ||∇L|| fell below grad_tol × its start), ``diverge_factor``.
+    when every chain's ||∇L||_{P⁻¹} / (σ⁻¹||AJ̃z||) — an upper bound on its error's energy norm
+    ||z − z*||_H relative to the chain's own data fit — is below grad_tol; 0 = run all
+    ``n_steps``; a chain's data fit, hence EM's γ̂, can be off by up to 2·grad_tol, and EM
+    with warm starts compounds it: use ~1e-3 for sgd EM rounds), ``diverge_factor``, ``precond_max_rank`` / ``precond_kappa`` /
+    ``precond_memory_gb`` (grow the Nyström rank from ``precond_rank``, doubling, while the
+    preconditioned condition number exceeds precond_kappa, within the rank and memory caps).
     cg: ``cg_tol`` (relative residual), ``cg_max_iter``.
     sgd and cg: ``precond_rank`` of the Nyström preconditioner (0 = none; costs that many J̃ᵀAᵀAJ̃
-    products once per posterior and a (p or m) × rank float32 matrix).
+    products once per posterior and a (p or m) × rank float64 matrix).
     exact: ``max_dense`` (largest m·p and d·p entries of the dense matrices).
     """
 
@@ -88,11 +105,14 @@ class SamplerConfig:
     lr_final: float = 0.1
     average_from: float = 0.0
     power_iters: int = 20
-    grad_tol: float = 0.0
+    grad_tol: float = 0.01
     diverge_factor: float = 1e4
     cg_tol: float = 1e-4
     cg_max_iter: int = 1000
     precond_rank: int = 256
+    precond_max_rank: int = 2048
+    precond_kappa: float = 100.0
+    precond_memory_gb: float = 2.0
     max_dense: float = 2e8
 
     def __post_init__(self):
@@ -108,6 +128,10 @@ class SamplerConfig:
             raise ConfigError(f"sampler: lr must be positive, got {self.lr}")
         if not self.lr_factor > 0 or self.precond_rank < 0 or self.power_iters < 1:
             raise ConfigError("sampler: lr_factor > 0, precond_rank >= 0, power_iters >= 1 required")
+        if self.precond_max_rank < 0 or not self.precond_kappa >= 1 or not self.precond_memory_gb > 0:
+            raise ConfigError("sampler: precond_max_rank >= 0, precond_kappa >= 1 and precond_memory_gb > 0 required")
+        if not 0 <= self.grad_tol < 1:
+            raise ConfigError(f"sampler: grad_tol must be in [0, 1), got {self.grad_tol}")
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplerConfig:
@@ -200,27 +224,71 @@ def _sqnorm(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).double().pow(2).sum(1)
 
 
+class NystromSketch:
+    """Randomised Nyström approximation S ≈ U diag(Λ) Uᵀ of a PSD operator S on R^n, growable.
+
+    Keeps the sketch Y = S Ω of an orthonormal test matrix Ω (n × r, float64): :meth:`extend`
+    adds columns (orthogonal to the old ones) and applies S only to those, so growing the rank
+    from r to 2r costs r more products, not 2r; :meth:`factor` forms U, Λ from the sketch with
+    a stabilising shift (Frangella, Tropp & Udell 2023). Deterministic for a given ``seed``.
+    Memory: 3 · n · r float64 numbers at rank r (Ω, Y and the factor).
+    """
+
+    def __init__(self, matvec: Callable[[torch.Tensor], torch.Tensor], n: int, device=None,
+                 seed: int = 54321, batch: int = 32):
+        self.matvec, self.n, self.batch, self.device = matvec, n, batch, device
+        self.gen = torch.Generator(device=device or "cpu").manual_seed(seed)
+        self.omega = torch.zeros(n, 0, dtype=torch.float64, device=device)
+        self.Y = torch.zeros(n, 0, dtype=torch.float64, device=device)
+        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def rank(self) -> int:
+        return self.omega.shape[1]
+
+    def extend(self, rank: int) -> None:
+        """Grow the sketch to ``rank`` columns (no-op if it has that many)."""
+        k = min(rank, self.n) - self.rank
+        if k <= 0:
+            return
+        G = torch.randn(self.n, k, generator=self.gen, dtype=torch.float64, device=self.device)
+        for _ in range(2 if self.rank else 0):  # twice is enough (Giraud et al. 2005)
+            G -= self.omega @ (self.omega.T @ G)
+        Q, _ = torch.linalg.qr(G)
+        Y = torch.cat([self.matvec(Q[:, i : i + self.batch].T).double() for i in range(0, k, self.batch)]).T
+        self.omega, self.Y = torch.cat([self.omega, Q], 1), torch.cat([self.Y, Y], 1)
+
+    def factor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """U ``(n, r)`` with orthonormal columns and Λ ``(r,)`` ≥ 0, descending (float64), cached per rank."""
+        r = self.rank
+        if r == 0:
+            raise DipuqError("Nyström sketch is empty: extend it first")
+        if r not in self._factors:
+            omega, Y = self.omega, self.Y
+            nu = float(torch.finfo(torch.float32).eps) * float(torch.linalg.matrix_norm(Y, ord=2)) * math.sqrt(self.n)
+            Y_nu = Y + nu * omega
+            C = omega.T @ Y_nu
+            C = 0.5 * (C + C.T)
+            L, info = torch.linalg.cholesky_ex(C)
+            if info != 0:  # add jitter until positive definite
+                eye = torch.eye(r, dtype=C.dtype, device=C.device)
+                L = torch.linalg.cholesky(C + 1e-6 * torch.trace(C) / r * eye)
+            B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_nu L⁻ᵀ, shape: (n, r)
+            U, S, _ = torch.linalg.svd(B, full_matrices=False)
+            self._factors = {r: (U, (S * S - nu).clamp(min=0))}  # keep only the newest factor
+        return self._factors[r]
+
+
 def nystrom(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, rank: int, device=None,
             seed: int = 54321, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Randomised Nyström approximation S ≈ U diag(Λ) Uᵀ of a PSD operator S on R^n.
+    """Rank-``rank`` randomised Nyström approximation U diag(Λ) Uᵀ of a PSD operator on R^n.
 
     ``matvec`` maps ``(k, n)`` -> ``(k, n)``. Returns U ``(n, r)`` and Λ ``(r,)`` (float64), from r
-    products with a Gaussian test matrix plus a stabilising shift (Frangella, Tropp & Udell 2023).
+    products with a Gaussian test matrix (see :class:`NystromSketch`).
     """
-    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
-    omega = torch.randn(n, rank, generator=gen, dtype=torch.float64, device=device)
-    omega, _ = torch.linalg.qr(omega)
-    Y = torch.cat([matvec(omega[:, i : i + batch].T).double() for i in range(0, rank, batch)]).T  # (n, r)
-    nu = float(torch.finfo(torch.float32).eps) * float(torch.linalg.matrix_norm(Y, ord=2)) * math.sqrt(n)
-    Y_nu = Y + nu * omega
-    C = omega.T @ Y_nu
-    C = 0.5 * (C + C.T)
-    L, info = torch.linalg.cholesky_ex(C)
-    if info != 0:  # add jitter until positive definite
-        L = torch.linalg.cholesky(C + 1e-6 * torch.trace(C) / rank * torch.eye(rank, dtype=C.dtype, device=device))
-    B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_nu L⁻ᵀ, shape: (n, r)
-    U, S, _ = torch.linalg.svd(B, full_matrices=False)
-    return U, (S * S - nu).clamp(min=0)
+    sketch = NystromSketch(matvec, n, device=device, seed=seed, batch=batch)
+    sketch.extend(rank)
+    return sketch.factor()
 
 
 class Sampler:
@@ -242,6 +310,45 @@ class Sampler:
 
     def prepare(self, post: Posterior) -> None:
         """Build what the solver needs (step size, preconditioner, dense matrices); cached on ``post``."""
+
+    def describe(self, post: Posterior) -> dict:
+        """Facts about the solver set-up for the run record (JSON-able)."""
+        return {}
+
+    def _grown_nystrom(self, post: Posterior, name: str, n: int, matvec: Callable[[torch.Tensor], torch.Tensor],
+                       kappa_fn: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Nyström factor (U, Λ) of a g-independent PSD operator on R^n with spectrum that of J̃ᵀAᵀAJ̃.
+
+        Starts at rank ``precond_rank`` and doubles it (up to ``precond_max_rank``, min(m, p) and
+        ``precond_memory_gb``) while the condition number the preconditioned solver is left with,
+        ``kappa_fn(U, Λ)`` (default the tail estimate 1 + g·λ_r/σ²), exceeds ``precond_kappa``.
+        The rank settled for a (g, σ²) is cached. The operator does not depend on g or σ², so
+        one growable sketch (cached on ``post`` under ``name``) serves every EM round; only its
+        rank may grow when g does. None when ``precond_rank`` = 0.
+        """
+        cfg = self.cfg
+        r0 = min(cfg.precond_rank, post.m, post.p)
+        if r0 == 0:
+            return None
+        cap = max(int(cfg.precond_memory_gb * 2**30 / (24 * n)), 1)  # Ω, Y and U in float64
+        r_max = min(max(cfg.precond_max_rank, r0), post.m, post.p, cap)
+        sketch = post.cache.get(name)
+        if sketch is None:
+            sketch = NystromSketch(matvec, n, device=post.model.device)
+            post.cache[name] = sketch
+        settled = (name, "settled", post.g, post.sigma2)
+        if settled in post.cache and sketch.rank:
+            return sketch.factor()
+        r = min(max(sketch.rank, r0), r_max)
+        while True:
+            sketch.extend(r)
+            U, lam = sketch.factor()
+            kappa = kappa_fn(U, lam) if kappa_fn is not None else 1.0 + post.g * float(lam[-1]) / post.sigma2
+            if kappa <= cfg.precond_kappa or sketch.rank >= r_max:
+                post.cache[settled] = kappa
+                return U, lam
+            r = min(2 * sketch.rank, r_max)
 
     # -- generators of states ------------------------------------------------------------------
     def iterate(self, post: Posterior, chains: Sequence[int], seed: int,
@@ -361,44 +468,62 @@ class SGDSampler(Sampler):
     key = "sgd"
 
     def precond_factor(self, post: Posterior) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Rank-r Nyström approximation M ≈ U diag(Λ) Uᵀ of M = J̃ᵀAᵀAJ̃ (p × p), cached; None if r = 0."""
-        r = min(self.cfg.precond_rank, post.m, post.p)
-        if r == 0:
-            return None
-        key = ("nystrom_primal", r)
-        if key not in post.cache:
-            def M(V):  # (k, p) -> (k, p)
-                return post.JTAT(post.AJ(V.to(post.model.dtype)))
+        """Nyström approximation U diag(Λ) Uᵀ of M = J̃ᵀAᵀAJ̃ (p × p), float64; None if
+        ``precond_rank`` = 0. The rank grows (:meth:`Sampler._grown_nystrom`) until the measured
+        κ = λmax(P⁻¹H) is at most ``precond_kappa``: the tail estimate 1 + gλ_r/σ² is far too
+        optimistic for sgd (21 where power iteration found 5180 on the 24³ demo, rank 2048),
+        because the Nyström error is of the size of λ_{r/4}, not λ_r, when the spectrum decays slowly.
+        """
+        def M(V):  # (k, p) -> (k, p)
+            return post.JTAT(post.AJ(V.to(post.model.dtype)))
 
-            U, lam = nystrom(M, post.p, r, device=post.model.device)
-            post.cache[key] = (U.to(post.model.dtype), lam)
-        return post.cache[key]
+        return self._grown_nystrom(post, "nystrom_primal_sketch", post.p, M,
+                                   kappa_fn=lambda U, lam: self._lambda_max_for(post, (U, lam)))
+
+    def describe(self, post: Posterior) -> dict:
+        """Solver facts for the run record: preconditioner rank, κ estimate, step size, momentum."""
+        fac = self.precond_factor(post)
+        out = {"precond_rank": 0 if fac is None else int(fac[1].numel()),
+               "step_size": self.step_size(post), "momentum": self.momentum(post)}
+        if fac is not None:
+            out["kappa_tail"] = 1.0 + post.g * float(fac[1][-1]) / post.sigma2  # 1 + gλ_r/σ²
+        if self.cfg.lr is None:
+            out["kappa"] = self.lambda_max(post)  # λmax(P⁻¹H), λmin ≥ 1
+        return out
 
     def preconditioner(self, post: Posterior) -> Callable[[torch.Tensor], torch.Tensor]:
         """v ↦ P⁻¹ v with P = σ⁻² U Λ Uᵀ + g⁻¹ I (identity when precond_rank = 0)."""
-        fac = self.precond_factor(post)
+        return self._pinv(post, self.precond_factor(post))
+
+    @staticmethod
+    def _pinv(post: Posterior, fac) -> Callable[[torch.Tensor], torch.Tensor]:
         if fac is None:
             return lambda v: v
         U, lam = fac
-        # P⁻¹ = U diag(1/(σ⁻²Λ + g⁻¹)) Uᵀ + g (I − UUᵀ) = g I + U diag(1/(σ⁻²Λ + g⁻¹) − g) Uᵀ
-        w = (1.0 / (lam / post.sigma2 + 1.0 / post.g) - post.g).to(U.dtype)
+        # P⁻¹ = U diag(1/(σ⁻²Λ + g⁻¹)) Uᵀ + g (I − UUᵀ), applied in float64 and in this form: on
+        # the captured subspace P⁻¹ is ~σ²/λ₁ (1e-11 relative to g on the demo), below the float32
+        # rounding of g·v − g·UUᵀv.
+        d = 1.0 / (lam / post.sigma2 + 1.0 / post.g)  # float64, shape: (r,)
+        g = post.g
 
         def apply(v):
-            return post.g * v + ((v @ U) * w) @ U.T
+            v64 = v.double()
+            c = v64 @ U  # shape: (b, r)
+            return (g * (v64 - c @ U.T) + (c * d) @ U.T).to(v.dtype)
 
         return apply
 
-    def lambda_max(self, post: Posterior) -> float:
-        """Largest eigenvalue of P⁻¹H (H = σ⁻²M + g⁻¹I) by power iteration, cached per (g, σ²)."""
-        key = ("lambda_max", self.cfg.power_iters, self.cfg.precond_rank, post.g, post.sigma2)
+    def _lambda_max_for(self, post: Posterior, fac) -> float:
+        """Largest eigenvalue of P⁻¹H for the factor ``fac`` by power iteration, cached per (rank, g, σ²)."""
+        key = ("lambda_max", self.cfg.power_iters, 0 if fac is None else fac[1].numel(), post.g, post.sigma2)
         if key not in post.cache:
-            Pinv = self.preconditioner(post)
+            Pinv = self._pinv(post, fac)
             gen = torch.Generator(device=post.model.device).manual_seed(12345)
-            v = torch.randn(4, post.p, generator=gen, dtype=post.model.dtype, device=post.model.device)
+            v = torch.randn(4, post.p, generator=gen, dtype=torch.float64, device=post.model.device)
             v = v / v.norm(dim=1, keepdim=True)
             lam = torch.zeros(4)
-            for _ in range(self.cfg.power_iters):
-                Hv = Pinv(post.hessian_matvec(v))
+            for _ in range(self.cfg.power_iters):  # float64 but the J/A products, as in solve
+                Hv = Pinv(post.JTAT(post.AJ(v.to(post.model.dtype))).double() / post.sigma2 + v / post.g)
                 lam = (v * Hv).sum(1) / (v * v).sum(1)
                 v = Hv / Hv.norm(dim=1, keepdim=True).clamp(min=1e-30)
             lam_max = float(lam.max())
@@ -406,6 +531,10 @@ class SGDSampler(Sampler):
                 raise DivergenceError("power iteration for the sgd step size gave NaN/inf: J or A is not finite")
             post.cache[key] = lam_max
         return post.cache[key]
+
+    def lambda_max(self, post: Posterior) -> float:
+        """Largest eigenvalue of P⁻¹H (H = σ⁻²M + g⁻¹I) by power iteration, cached per (g, σ²)."""
+        return self._lambda_max_for(post, self.precond_factor(post))
 
     def prepare(self, post: Posterior) -> None:
         self.precond_factor(post)
@@ -434,28 +563,39 @@ class SGDSampler(Sampler):
     def solve(self, post, w0, eps, chains, init=None):
         cfg = self.cfg
         g, s2, mu = post.g, post.sigma2, self.momentum(post)
-        w_n = w0 + (g / s2) * post.JTAT(eps)  # shape: (b, p)
-        z = (w0 if init is None else init.to(w0)).clone()
+        dt = post.model.dtype
+        # iterates in float64 (p-sized, cheap); only the J/A products run in the model dtype
+        w0 = w0.double()
+        w_n = w0 + (g / s2) * post.JTAT(eps).double()  # shape: (b, p)
+        z = (w0 if init is None else init.double()).clone()
         vel = torch.zeros_like(z)
         lr = self.step_size(post)
         Pinv = self.preconditioner(post)
+        has_pc = self.precond_factor(post) is not None
         T = cfg.n_steps
         t_avg = T - int(round(cfg.average_from * T)) if cfg.average_from > 0 else T
         z_avg, n_avg = None, 0
-        obj0 = g0 = None
+        obj0 = None
+        stopping = cfg.grad_tol > 0 and cfg.average_from == 0
+        active = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
         for t in range(T):
             if cfg.lr_decay == "cosine":
                 lr_t = lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t / T)))
             else:
                 lr_t = lr
             zl = z + mu * vel  # Nesterov look-ahead
-            r = post.AJ(zl)  # shape: (b, *range_shape)
+            r = post.AJ(zl.to(dt))  # shape: (b, *range_shape)
             dz = zl - w_n
-            grad = post.JTAT(r) / s2 + dz / g
+            grad = post.JTAT(r).double() / s2 + dz / g
             objective = 0.5 * _sqnorm(r) / s2 + 0.5 * _sqnorm(dz) / g  # L at the look-ahead point
-            gnorm = _sqnorm(grad).sqrt()
+            pgrad = Pinv(grad)
+            # ||∇L||²_{P⁻¹} = eᵀHP⁻¹He ≥ eᵀHe ≥ σ⁻²||AJ̃e||² for the error e = z − z* (P ⪯ H; P = g⁻¹I
+            # without a preconditioner): relative to the chain's own misfit σ⁻²||AJ̃z||² it bounds
+            # the error's share of the data fit (γ̂ for EM) and of the image sample
+            fit = _sqnorm(r) / s2
+            gnorm = ((grad * (pgrad if has_pc else g * grad)).sum(1).clamp(min=0) / fit.clamp(min=1e-30)).sqrt()
             if obj0 is None:
-                obj0, g0 = objective.clamp(min=1e-30), gnorm.clamp(min=1e-30)
+                obj0 = objective.clamp(min=1e-30)
             if not torch.isfinite(objective).all() or (objective > cfg.diverge_factor * obj0).any():
                 ratio = float((objective / obj0).max())
                 raise DivergenceError(
@@ -463,15 +603,22 @@ class SGDSampler(Sampler):
                     f"{cfg.diverge_factor:g}x its start); lower SamplerConfig.lr_factor (now {cfg.lr_factor:g}) "
                     f"or set a smaller lr (now {lr:.3g})"
                 )
-            vel = mu * vel - lr_t * Pinv(grad)
+            if stopping:  # a chain that meets the tolerance stays at the verified point zl: its
+                # result does not depend on which other chains share its batch (or rank)
+                done = active & (gnorm < cfg.grad_tol)
+                z = torch.where(done[:, None], zl, z)
+                active = active & ~done
+                vel = torch.where(active[:, None], mu * vel - lr_t * pgrad, torch.zeros_like(vel))
+            else:
+                vel = mu * vel - lr_t * pgrad
             z = z + vel
             if t >= t_avg:
                 n_avg += 1
                 z_avg = z.clone() if z_avg is None else z_avg + (z - z_avg) / n_avg
             yield SamplerState(self.key, chains, t, z if z_avg is None else z_avg, objective, gnorm)
-            if cfg.grad_tol > 0 and z_avg is None and bool((gnorm < cfg.grad_tol * g0).all()):
+            if stopping and not bool(active.any()):
                 break
-        out = z if z_avg is None else z_avg
+        out = (z if z_avg is None else z_avg).to(dt)
         return out, out
 
 
@@ -484,20 +631,22 @@ class CGSampler(Sampler):
     def nystrom(self, post: Posterior) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Randomised Nyström approximation K₁ ≈ U diag(Λ) Uᵀ of K₁ = AJ̃J̃ᵀAᵀ (g = 1), cached.
 
-        U (m, r), Λ (r,) in float64; K = g K₁, so one factorisation serves every g (EM).
+        U (m, r), Λ (r,) in float64; K = g K₁, so one sketch serves every g (EM); the rank is
+        chosen adaptively (:meth:`Sampler._grown_nystrom`).
         """
-        r = min(self.cfg.precond_rank, post.m, post.p)
-        if r == 0:
-            return None
-        key = ("nystrom_dual", r)
-        if key not in post.cache:
-            shape = post.A.range_shape
+        shape = post.A.range_shape
 
-            def K1(V):  # (k, m) -> (k, m)
-                return post.AJ(post.JTAT(V.to(post.model.dtype).reshape(-1, *shape))).reshape(V.shape[0], -1)
+        def K1(V):  # (k, m) -> (k, m)
+            return post.AJ(post.JTAT(V.to(post.model.dtype).reshape(-1, *shape))).reshape(V.shape[0], -1)
 
-            post.cache[key] = nystrom(K1, post.m, r, device=post.model.device)
-        return post.cache[key]
+        return self._grown_nystrom(post, "nystrom_dual_sketch", post.m, K1)
+
+    def describe(self, post: Posterior) -> dict:
+        ny = self.nystrom(post)
+        out = {"precond_rank": 0 if ny is None else int(ny[1].numel())}
+        if ny is not None:
+            out["kappa_tail"] = 1.0 + post.g * float(ny[1][-1]) / post.sigma2
+        return out
 
     def prepare(self, post: Posterior) -> None:
         self.nystrom(post)
@@ -509,13 +658,12 @@ class CGSampler(Sampler):
         U, lam = ny
         lam_g = post.g * lam
         s2 = post.sigma2
-        weight = (lam_g[-1] + s2) / (lam_g + s2) - 1.0  # shape: (r,)
-        U32 = U.to(post.model.dtype)
-        w32 = weight.to(post.model.dtype)
+        scale = (lam_g[-1] + s2) / (lam_g + s2)  # float64, shape: (r,)
 
-        def apply(v):  # P⁻¹ v = v + U diag((λ_r + σ²)/(λ + σ²) − 1) Uᵀ v
-            vf = v.reshape(v.shape[0], -1)
-            return (vf + ((vf @ U32) * w32) @ U32.T).reshape(v.shape)
+        def apply(v):  # P⁻¹ v = (I − UUᵀ) v + U diag((λ_r + σ²)/(λ + σ²)) Uᵀ v, in float64 (see sgd)
+            vf = v.reshape(v.shape[0], -1).double()
+            c = vf @ U
+            return (vf - c @ U.T + (c * scale) @ U.T).reshape(v.shape).to(v.dtype)
 
         return apply
 
@@ -526,11 +674,8 @@ class CGSampler(Sampler):
         cfg = self.cfg
         bsz = w0.shape[0]
         rhs = (eps - post.AJ(w0)).double()  # shape: (b, *range_shape)
-        Pinv32 = self._precond(post)
+        Pinv = self._precond(post)
         dt = post.model.dtype
-
-        def Pinv(v):
-            return Pinv32(v.to(dt)).double() if dt != torch.float64 else Pinv32(v)
 
         def K(v):
             return post.kernel_matvec(v.to(dt)).double()
@@ -718,12 +863,11 @@ def iterate_em(
         else:
             res = sample_fn(sampler, post, n_samples, seed, sample_warm)
         if isinstance(sampler, SGDSampler):
-            rel = max((h["grad_norm"][-1] / max(h["grad_norm"][0], 1e-30) for h in res.history
-                       if h["grad_norm"]), default=0.0)
-            if rel > 0.1:  # unconverged samples keep prior variance: γ̂ too small, g blows up
-                warnings.warn(f"EM round {k}: sgd samples unconverged (gradient norm {rel:.2g} of its start "
+            rel = max((h["grad_norm"][-1] for h in res.history if h["grad_norm"]), default=0.0)
+            if rel > SGD_CONVERGED:  # unconverged samples carry prior misfit: γ̂ and g go wrong
+                warnings.warn(f"EM round {k}: sgd samples unconverged (error bound {rel:.2g} of the samples' data fit "
                               f"after {sampler.cfg.n_steps} steps); raise SamplerConfig.n_steps or "
-                              f"precond_rank, or use sampler 'cg'", RuntimeWarning, stacklevel=2)
+                              f"precond_max_rank, or use sampler 'cg'", RuntimeWarning, stacklevel=2)
         gamma = min(max(res.gamma, 1.0), post.m - 1.0)
         u_norm2 = float(mean.u.double().pow(2).sum())
         g_new = u_norm2 / gamma

@@ -106,6 +106,11 @@ def test_reconstruct_2d(scan2d, tmp_path, capsys):
 
     cfg = load_config(run / "config.toml")
     assert cfg.dip.iterations == 40 and cfg.sampler.n_samples == 4 and cfg.dip.network.channels == 4
+    # EM starts from the data-driven g (g_init = 0): mean((θ*/s)²) of the fitted net
+    em = json.loads(next(run.glob("stages/*_posterior/em.json")).read_text())
+    assert cfg.posterior.g_init == 0 and em["g_trace"][0] != 1.0 and em["g_trace"][0] > 0
+    sampling = json.loads(next(run.glob("stages/*_sampler/sampling.json")).read_text())
+    assert sampling["solver"]["precond_rank"] >= 1 and "kappa" in sampling["solver"]
     # a second identical command finds nothing to do
     assert main(["reconstruct", str(scan2d), "--out", str(run), "--device", "cpu", *_sets()]) == 0
     assert "nothing to do" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def _worker(scenario: str, out: str) -> None:
                         raise DivergenceError("sgd sampler diverged at step 5 (injected)")
 
                 try:  # caught here so that both ranks exit normally and torchrun kills neither
-                    sample_distributed(make_sampler("sgd", SamplerConfig(n_steps=20, chains_per_batch=4)), post, 8,
+                    sample_distributed(make_sampler("sgd", SamplerConfig(n_steps=20, chains_per_batch=4, grad_tol=0)), post, 8,
                                        seed=SEED, ctx=dctx, callback=diverge_on_rank_1)
                 except DistributedError as exc:
                     result["raise_error"], result["raise_type"], result["t_error"] = str(exc), type(exc).__name__, time.time()

@@ -58,10 +58,23 @@ def test_em_converges_to_evidence_maximiser(setup, name):
 
 def test_em_with_sgd_warm_starts(setup):
     post, g_star = setup
-    sampler = make_sampler("sgd", SamplerConfig(n_steps=60, chains_per_batch=64))
+    # grad_tol 1e-3: the early stop lets γ̂ be off by up to 2·grad_tol, and warm-started rounds
+    # repeat the same error (measured with the default 0.01: g/g* = 1.105 after 6 rounds)
+    sampler = make_sampler("sgd", SamplerConfig(n_steps=60, chains_per_batch=64, grad_tol=1e-3))
     states = list(iterate_em(post.with_g(2 * g_star), sampler, n_rounds=6, n_samples=64, seed=3))
     gs = [st.g_new for st in states]
     # from 2 g* the MacKay fixed-point iteration halves the gap per round (measured g/g* = 1.43,
     # 1.22, 1.12, 1.07, 1.05, 1.03): within 10 % after 6 rounds, moving monotonically to g*.
     assert abs(gs[-1] / g_star - 1) < 0.10
     assert all(a >= b for a, b in zip(gs, gs[1:]))
+
+
+def test_data_driven_initial_g(setup):
+    """g_init = 0 (default) starts EM at mean((θ*/s)²), the fitted weights' size in prior units."""
+    post, _ = setup
+    want = float((post.model.theta_map.double() / post.scale.double()).pow(2).mean())
+    assert post.weight_scale_g() == pytest.approx(want, rel=1e-12)
+    assert want > 0
+    zero = post.with_g(1.0)
+    zero.model = type("M", (), {"theta_map": torch.zeros_like(post.model.theta_map)})()
+    assert zero.weight_scale_g() == 1.0  # nothing to measure: the old default
