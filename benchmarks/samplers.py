@@ -85,6 +85,7 @@ def run_one(post, name, cfg, K, seed=1):
     sampler.prepare(post)
     res = sampler.sample(post, K, seed=seed)
     secs = time.perf_counter() - t0
+    res.solver = sampler.describe(post)  # preconditioner rank actually used (adaptive)
     return res, secs, (model.n_jvp, model.n_vjp, post.n_A, post.n_AT)
 
 
@@ -147,25 +148,29 @@ def main(argv=None):
     settings = []
     for K in ([32] if args.quick else [32, 128]):
         settings.append(("exact", SamplerConfig(), K, "dense Cholesky"))
-    settings.append(("sgd", SamplerConfig(n_steps=300, chains_per_batch=32, precond_rank=0), 32, "300 steps, no precond"))
-    for T in ([50, 150] if args.quick else [50, 150, 300]):
-        settings.append(("sgd", SamplerConfig(n_steps=T, chains_per_batch=32), 32, f"{T} steps, rank 256"))
+    settings.append(("sgd", SamplerConfig(n_steps=300, chains_per_batch=32, precond_rank=0, grad_tol=0), 32,
+                     "300 steps, no precond"))
+    for T in ([50, 150] if args.quick else [50, 150, 300]):  # the fixed rank-256 preconditioner of 0.1
+        settings.append(("sgd", SamplerConfig(n_steps=T, chains_per_batch=32, precond_max_rank=256, grad_tol=0), 32,
+                         f"{T} steps, rank 256 fixed"))
+    settings.append(("sgd", SamplerConfig(chains_per_batch=32), 32, "defaults (tol 0.01, adapt.)"))
+    settings.append(("sgd", SamplerConfig(chains_per_batch=32, grad_tol=0.03), 32, "tol 0.03, adaptive rank"))
     if not args.quick:
-        settings.append(("sgd", SamplerConfig(n_steps=150, chains_per_batch=32, average_from=0.5), 32,
-                         "150 steps, avg 1/2"))
-        settings.append(("sgd", SamplerConfig(n_steps=150, chains_per_batch=32, lr_decay="cosine"), 32,
-                         "150 steps, cosine"))
+        settings.append(("sgd", SamplerConfig(n_steps=150, chains_per_batch=32, average_from=0.5, precond_max_rank=256,
+                                              grad_tol=0), 32, "150 steps, avg 1/2"))
+        settings.append(("sgd", SamplerConfig(n_steps=150, chains_per_batch=32, lr_decay="cosine", precond_max_rank=256,
+                                              grad_tol=0), 32, "150 steps, cosine"))
     for tol in [1e-2, 1e-3]:
-        settings.append(("cg", SamplerConfig(cg_tol=tol, chains_per_batch=32), 32, f"tol {tol:g}, rank 256"))
+        settings.append(("cg", SamplerConfig(cg_tol=tol, chains_per_batch=32), 32, f"tol {tol:g}, adaptive rank"))
     settings.append(("cg", SamplerConfig(cg_tol=1e-3, precond_rank=0, chains_per_batch=32), 32, "tol 0.001, no precond"))
     if not args.quick:
-        settings.append(("sgd", SamplerConfig(n_steps=150, chains_per_batch=32), 128, "150 steps, rank 256"))
-        settings.append(("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=32), 128, "tol 0.001, rank 256"))
+        settings.append(("sgd", SamplerConfig(chains_per_batch=32), 128, "defaults (tol 0.01, adapt.)"))
+        settings.append(("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=32), 128, "tol 0.001, adaptive rank"))
 
     # the same chains through the exact solver: the Monte Carlo floor for each K
     floor = {}
     rows = []
-    hdr = (f"{'sampler':8s} {'setting':24s} {'K':>4s} {'med.rel.err':>11s} {'MC floor':>8s} {'iters':>6s} "
+    hdr = (f"{'sampler':8s} {'setting':28s} {'K':>4s} {'rank':>5s} {'med.rel.err':>11s} {'MC floor':>8s} {'iters':>6s} "
            f"{'JVPs':>7s} {'VJPs':>7s} {'A':>7s} {'AT':>7s} {'wall s':>7s} {'samples/s':>9s}")
     print()
     print(hdr)
@@ -178,7 +183,8 @@ def main(argv=None):
         err = float(((res.moments.std() - std_ref).abs() / std_ref).median())
         iters = res.steps // max(1, math.ceil(K / cfg.chains_per_batch))
         rows.append((name, desc, K, err, secs))
-        print(f"{name:8s} {desc:24s} {K:4d} {err:11.4f} {floor[K]:8.4f} {iters:6d} {nj:7d} {nv:7d} {na:7d} {nat:7d} "
+        rank = getattr(res, "solver", {}).get("precond_rank", 0)
+        print(f"{name:8s} {desc:28s} {K:4d} {rank:5d} {err:11.4f} {floor[K]:8.4f} {iters:6d} {nj:7d} {nv:7d} {na:7d} {nat:7d} "
               f"{secs:7.2f} {K / secs:9.1f}")
     print()
     print(f"DIP fit time: {t_dip:.1f} s ({args.dip_iters} iterations)")

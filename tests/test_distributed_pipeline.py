@@ -79,9 +79,14 @@ diag_probes = 4
 [pipeline.posterior]
 em_rounds = 1
 em_samples = 2
+# exact EM: an iterative EM solve stops at its tolerance after a number of iterations that
+# depends on float32 rounding, i.e. on how chains are batched (cg at tol 1e-3 moved γ̂ by 8e-4
+# between 1 and 2 ranks); exact is batch-independent, so the comparison isolates the sharding
+em_sampler = "exact"
 [pipeline.sampler]
 n_samples = 4
-n_steps = 10
+n_steps = 60
+grad_tol = 0   # a fixed number of steps: a per-chain stop could trigger one step apart under other rounding
 chains_per_batch = 2
 precond_rank = 8
 [pipeline.output]
@@ -100,7 +105,11 @@ tiff = false
     for method in ("bayes-sgd",):
         a = np.load(tmp_path / "one" / "seed0" / "a10" / method / "std.npy")
         b = np.load(tmp_path / "two" / "seed0" / "a10" / method / "std.npy")
-        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6 * float(a.max()))  # tolerance: see above
+        # 60 sgd steps do not converge this DIP's posterior (bound 0.6 of the data fit), and an
+        # unconverged iteration carries the float32 rounding of differently batched J products
+        # along: measured median 7e-5, max 1e-3 relative. A missing or duplicated chain of 4
+        # moves the std by ~10 %.
+        np.testing.assert_allclose(b, a, rtol=3e-3, atol=1e-6 * float(a.max()))
         sampling = (tmp_path / "two" / "seed0" / "a10" / method / "stages" / "06_sampler" / "sampling.json")
         assert '"processes": 2' in sampling.read_text()
     assert (tmp_path / "two" / "table.md").exists()
