@@ -175,8 +175,8 @@ class MethodsSpec:
 
     run: list[str] = option(["bayes-sgd", "bayes-cg", "mcdo", "fixed-sigma", "oracle-sigma", "fbp", "tv"],
                             "methods to compare (keys of dipuq.experiments.METHODS)")
-    cg_tol: float = option(1e-3, "bayes-cg: relative residual of the dual CG solves", gt=0.0)
-    cg_max_iter: int = option(300, "bayes-cg: most CG iterations per batch", ge=1)
+    cg_tol: float = option(1e-3, "relative residual of the dual CG solves (bayes-cg sampling, and the EM rounds of both Bayes-DIP methods)", gt=0.0)
+    cg_max_iter: int = option(300, "most CG iterations per batch (as cg_tol)", ge=1)
     mcdo_dropout: float = option(0.1, "mcdo: channel-dropout probability", gt=0.0, lt=1.0)
     mcdo_samples: int = option(32, "mcdo: stochastic forward passes", ge=2)
     tv_lam: float = option(1e-3, "tv: weight λ of TV(x) in (1/m)||Ax − y||² + λ TV(x)", ge=0.0)
@@ -531,9 +531,9 @@ class _Job:
 
 def _bayes_config(spec: ExperimentSpec, method: str) -> Config:
     cfg = spec.pipeline.replace({"sampler.method": method.split("-", 1)[1], "output.report": False})
-    if method == "bayes-cg":
-        cfg = cfg.replace({"sampler.cg_tol": spec.methods.cg_tol, "sampler.cg_max_iter": spec.methods.cg_max_iter})
-    return cfg
+    # the CG options drive bayes-cg's sampling and both methods' EM rounds (posterior.em_sampler
+    # = "cg" by default), so bayes-sgd and bayes-cg fit g the same way
+    return cfg.replace({"sampler.cg_tol": spec.methods.cg_tol, "sampler.cg_max_iter": spec.methods.cg_max_iter})
 
 
 def _share_fit(job: _Job, src: Path, dst: Path, cfg: Config) -> bool:

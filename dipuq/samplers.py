@@ -90,7 +90,10 @@ class SamplerConfig:
     with warm starts compounds it: use ~1e-3 for sgd EM rounds), ``diverge_factor``, ``precond_max_rank`` / ``precond_kappa`` /
     ``precond_memory_gb`` (grow the Nyström rank from ``precond_rank``, doubling, while the
     preconditioned condition number exceeds precond_kappa, within the rank and memory caps).
-    cg: ``cg_tol`` (relative residual), ``cg_max_iter``.
+    cg: ``cg_tol`` (residual relative to the start, ||ε − AJ̃w₀||, which the prior sample's misfit
+    dominates: a sample's data-fit error can reach cg_tol² × σ⁻²||AJ̃w₀||² — on the 24³ demo
+    1e9 against a posterior sample's γ ≈ 7e3, so 1e-2 biased EM's γ̂ to m and g 6x low; ~1e-3
+    is the floor of float32 J/A products there), ``cg_max_iter``.
     sgd and cg: ``precond_rank`` of the Nyström preconditioner (0 = none; costs that many J̃ᵀAᵀAJ̃
     products once per posterior and a (p or m) × rank float64 matrix).
     exact: ``max_dense`` (largest m·p and d·p entries of the dense matrices).
