@@ -39,8 +39,9 @@ SETTINGS = {
         "dip.iterations": 150, "dip.lr": 3e-3, "dip.gamma": 1e-4, "dip.network.scales": 2,
         "dip.network.channels": 8, "dip.network.skip_channels": 2,
         "linearise.diag_probes": 8,
-        "posterior.em_rounds": 1, "posterior.em_samples": 4,
-        "sampler.n_samples": 8, "sampler.n_steps": 60, "sampler.chains_per_batch": 8,
+        "posterior.em_rounds": 0,  # as the default preset: g from the fitted weights
+        "sampler.method": "cg", "sampler.n_samples": 8, "sampler.chains_per_batch": 8,
+        "sampler.cg_tol": 1e-3, "sampler.cg_max_iter": 300,
         "output.report_slices": 16,
     }),
 }
