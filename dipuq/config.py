@@ -111,7 +111,7 @@ class PosteriorConfig:
 
     noise: Literal["auto", "scan", "residual"] = option("auto", "σ² from the scan's known noise_std ('scan'), the DIP residual ||A f − y||²/m ('residual'), or scan if known else residual ('auto')")
     sigma2: float = option(0.0, "fixed noise variance σ² (> 0 overrides 'noise')", ge=0.0)
-    g_init: float = option(0.0, "initial prior variance g (0 = data-driven: mean((θ*/s)²), near the EM fixed point)", ge=0.0)
+    g_init: float = option(0.0, "initial prior variance g (0 = data-driven: mean((θ*/s)²), a start for EM)", ge=0.0)
     prior_center: Literal["zero", "map"] = option("zero", "centre of the weight prior: θ = 0 (EM for g is informative) or θ*")
     em_rounds: int = option(3, "sample-based EM rounds updating g (0 = keep g_init)", ge=0)
     em_sampler: Literal["cg", "sgd", "exact", "same"] = option("cg", "solver for the EM rounds: cg (robust at any g: early rounds at a poor g are badly conditioned, where sgd does not converge and its unconverged samples push g further off), sgd, exact, or 'same' as sampler.method")

@@ -294,6 +294,21 @@ def nystrom(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, rank: int, d
     return sketch.factor()
 
 
+def _lowrank_inverse(U: torch.Tensor, inside: torch.Tensor, outside: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """v ↦ outside·(I − UUᵀ) v + U diag(inside) Uᵀ v, the form of both Nyström preconditioners.
+
+    Applied in float64 and in this form (not outside·v + U diag(inside − outside) Uᵀ v): on the
+    captured subspace the sgd preconditioner is ~σ²/λ₁ (1e-11 relative to g on the demo), below
+    the float32 rounding of the difference. ``v`` is ``(b, …)``; the result has its shape and dtype.
+    """
+    def apply(v):
+        vf = v.reshape(v.shape[0], -1).double()
+        c = vf @ U  # shape: (b, r)
+        return (outside * (vf - c @ U.T) + (c * inside) @ U.T).reshape(v.shape).to(v.dtype)
+
+    return apply
+
+
 class Sampler:
     """Base class: draws zero-mean posterior weight samples z ~ N(0, H⁻¹) chain by chain.
 
@@ -503,18 +518,8 @@ class SGDSampler(Sampler):
         if fac is None:
             return lambda v: v
         U, lam = fac
-        # P⁻¹ = U diag(1/(σ⁻²Λ + g⁻¹)) Uᵀ + g (I − UUᵀ), applied in float64 and in this form: on
-        # the captured subspace P⁻¹ is ~σ²/λ₁ (1e-11 relative to g on the demo), below the float32
-        # rounding of g·v − g·UUᵀv.
-        d = 1.0 / (lam / post.sigma2 + 1.0 / post.g)  # float64, shape: (r,)
-        g = post.g
-
-        def apply(v):
-            v64 = v.double()
-            c = v64 @ U  # shape: (b, r)
-            return (g * (v64 - c @ U.T) + (c * d) @ U.T).to(v.dtype)
-
-        return apply
+        # P⁻¹ = g (I − UUᵀ) + U diag(1/(σ⁻²Λ + g⁻¹)) Uᵀ
+        return _lowrank_inverse(U, 1.0 / (lam / post.sigma2 + 1.0 / post.g), post.g)
 
     def _lambda_max_for(self, post: Posterior, fac) -> float:
         """Largest eigenvalue of P⁻¹H for the factor ``fac`` by power iteration, cached per (rank, g, σ²)."""
@@ -573,8 +578,8 @@ class SGDSampler(Sampler):
         z = (w0 if init is None else init.double()).clone()
         vel = torch.zeros_like(z)
         lr = self.step_size(post)
-        Pinv = self.preconditioner(post)
-        has_pc = self.precond_factor(post) is not None
+        fac = self.precond_factor(post)
+        Pinv, has_pc = self._pinv(post, fac), fac is not None
         T = cfg.n_steps
         t_avg = T - int(round(cfg.average_from * T)) if cfg.average_from > 0 else T
         z_avg, n_avg = None, 0
@@ -661,14 +666,8 @@ class CGSampler(Sampler):
         U, lam = ny
         lam_g = post.g * lam
         s2 = post.sigma2
-        scale = (lam_g[-1] + s2) / (lam_g + s2)  # float64, shape: (r,)
-
-        def apply(v):  # P⁻¹ v = (I − UUᵀ) v + U diag((λ_r + σ²)/(λ + σ²)) Uᵀ v, in float64 (see sgd)
-            vf = v.reshape(v.shape[0], -1).double()
-            c = vf @ U
-            return (vf - c @ U.T + (c * scale) @ U.T).reshape(v.shape).to(v.dtype)
-
-        return apply
+        # P⁻¹ = (I − UUᵀ) + U diag((λ_r + σ²)/(λ + σ²)) Uᵀ
+        return _lowrank_inverse(U, (lam_g[-1] + s2) / (lam_g + s2), 1.0)
 
     def solve(self, post, w0, eps, chains, init=None):
         # The CG vectors live in float64 (they are measurement-sized, cheap): in float32 the
