@@ -578,10 +578,10 @@ def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
             rel = gn if sampling["method"] in ("cg", "sgd") else gn / gn[0]
             curves[f"chains {h['chains'][0]}–{h['chains'][-1]}"] = (np.arange(1, len(gn) + 1), rel)
     if curves:
-        what = {"cg": "CG relative residual", "sgd": "error bound ||∇L||_{P⁻¹} / (σ⁻¹||AJ̃z||)"}.get(
+        what = {"cg": "CG relative residual", "sgd": "error bound (share of data fit)"}.get(
             sampling["method"], "||∇L(z_t)|| / ||∇L(z_0)||")
         out["sampler"] = (f"Sampler convergence ({sampling['method']})", viz.curves_figure(
-            curves, xlabel="solver step", ylabel=f"{what}, mean over chains",
+            curves, xlabel="solver step", ylabel=f"{what}\n(mean over chains)",
             title=f"Posterior sampler ({sampling['method']}): convergence per batch of chains"))
     em = ctx["em"]
     if len(em.get("g_trace", [])) > 1:
