@@ -52,6 +52,7 @@ __all__ = [
     "PosteriorConfig",
     "SamplerConfig",
     "SamplingConfig",
+    "CalibrationConfig",
     "OutputConfig",
     "load_config",
     "save_config",
@@ -86,6 +87,8 @@ class DataConfig:
     crop_rows: list[int] = option([], "3D: detector row range [start, stop] to keep ([] = all)")
     vol_xy: int = option(0, "in-plane volume size after cropping (0 = the field of view of the kept columns)", ge=0)
     bin: int = option(1, "bin detector and volume by this factor (1 = no binning)", ge=1)
+    holdout: float = option(0.1, "fraction of the projection angles held out from the fit, interleaved and seed-chosen: the DIP's validation stop, the FBP check and the error-bar calibration are judged on them (0 = none)", ge=0.0, lt=1.0)
+    holdout_min: int = option(2, "at least this many held-out angles when data.holdout > 0", ge=1)
 
 
 @dataclass
@@ -133,6 +136,16 @@ class SamplingConfig(SamplerConfig):
 
 
 @dataclass
+class CalibrationConfig:
+    """Calibration of the error bars on the held-out projections (needs data.holdout > 0)."""
+
+    enabled: bool = option(True, "fit the variance model on the held-out projections (false: the raw linearised-posterior std)")
+    terms: Literal["auto", "scale", "scale+prior"] = option("auto", "variance model: c·Σ_post ('scale'), c·Σ_post + b·Σ_prior ('scale+prior', a model-error term shaped by the prior), or the one with the higher cross-validated held-out log-likelihood ('auto')")
+    noise: Literal["fit", "posterior"] = option("fit", "σ² of the held-out rays: fitted with the other parameters ('fit') or the posterior's σ² ('posterior')")
+    tails: Literal["auto", "gaussian", "student"] = option("auto", "interval shape: Gaussian, Student-t with fitted degrees of freedom, or the better of the two by cross-validated held-out log-likelihood ('auto')")
+
+
+@dataclass
 class OutputConfig:
     """Files written at the end of a run."""
 
@@ -154,6 +167,7 @@ class Config:
     linearise: LineariseConfig = field(default_factory=LineariseConfig)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     sampler: SamplingConfig = field(default_factory=SamplingConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def replace(self, overrides: list[str] | tuple[str, ...] | dict[str, Any]) -> Config:

@@ -75,10 +75,10 @@ __all__ = [
 log = logging.getLogger("dipuq.dip")
 
 INPUTS = ("fbp", "noise")
-STOPS = ("none", "discrepancy")
+STOPS = ("none", "discrepancy", "validation")
 _CHECKPOINT_VERSION = 1
 # config fields that may change between an interrupted fit and its resumption
-_RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "log_every")
+_RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "log_every", "max_seconds")
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,7 +95,15 @@ class DipConfig:
     gamma : TV weight γ in the normalised loss (module docstring); 0 disables TV
     input : network input z: ``"fbp"`` (analytic reconstruction, the default) or ``"noise"``
     input_noise_std : std of the Gaussian noise input when ``input = "noise"``
-    stop : ``"none"`` or ``"discrepancy"`` (stop once misfit ≤ τ σ²)
+    stop : ``"validation"`` (stop once the held-out projection loss has not improved for a
+        patience window; keep the iterate of lowest held-out loss), ``"discrepancy"`` (stop once
+        misfit ≤ τ σ²) or ``"none"`` (run ``iterations`` steps, keep the lowest-loss iterate)
+    patience : validation stop: iterations without a held-out improvement before stopping …
+    patience_rel : … or this fraction of the best iteration's index, whichever is larger (a fit
+        that needed 2000 steps to reach its best gets a 1000-step window at 0.5)
+    max_seconds : wall-clock cap of the fit in seconds (0 = none); stop reason ``"time"``
+    fallback : what a run does when the FBP/FDK explains the held-out projections better than the
+        DIP: ``"warn"`` (say so in the log, metrics.json and the report) or ``"error"`` (stop)
     tau : discrepancy factor τ (≥ 1 is the classical choice; 1.0 default)
     sigma2 : known noise variance of y (per measurement); None = estimate from y when needed
     checkpoint_every : write a checkpoint every N steps in :func:`run_dip` (0 = only at the end)
@@ -108,7 +116,11 @@ class DipConfig:
     gamma: float = 1e-3
     input: str = "fbp"
     input_noise_std: float = 0.1
-    stop: str = "none"
+    stop: str = "validation"
+    patience: int = 200
+    patience_rel: float = 0.5
+    max_seconds: float = 0.0
+    fallback: str = "warn"
     tau: float = 1.0
     sigma2: float | None = None
     checkpoint_every: int = 0
@@ -130,6 +142,14 @@ class DipConfig:
             raise ConfigError(f"dip.input_noise_std must be > 0, got {self.input_noise_std!r}")
         if self.stop not in STOPS:
             raise ConfigError(f"dip.stop must be one of {STOPS}, got {self.stop!r}")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
+            raise ConfigError(f"dip.patience must be a positive integer, got {self.patience!r}")
+        if not self.patience_rel >= 0:
+            raise ConfigError(f"dip.patience_rel must be >= 0, got {self.patience_rel!r}")
+        if not self.max_seconds >= 0:
+            raise ConfigError(f"dip.max_seconds must be >= 0 (0 = no limit), got {self.max_seconds!r}")
+        if self.fallback not in ("warn", "error"):
+            raise ConfigError(f"dip.fallback must be 'warn' or 'error', got {self.fallback!r}")
         if not self.tau > 0:
             raise ConfigError(f"dip.tau must be > 0, got {self.tau!r}")
         if self.sigma2 is not None and not (math.isfinite(self.sigma2) and self.sigma2 > 0):
@@ -243,6 +263,8 @@ class _Fit:
     best_params: dict[str, torch.Tensor] = field(default_factory=dict)
     best_recon: torch.Tensor | None = None
     steps: int = 0  # Adam steps completed
+    validation: tuple | None = None  # (A_H, y_H): held-out rows for the stop rule
+    elapsed_s: float = 0.0  # wall time of earlier sessions of this fit (resume)
 
 
 @dataclass
@@ -324,6 +346,7 @@ def fit_dip(
     generator: torch.Generator | None = None,
     *,
     resume: dict | None = None,
+    validation: tuple | None = None,
 ) -> Iterator[DipState]:
     """Fit the DIP by Adam on the normalised loss; yields one :class:`DipState` per iterate.
 
@@ -337,8 +360,13 @@ def fit_dip(
     generator : randomness of the fit (dropout masks when the net has dropout layers)
     resume : a checkpoint dict from :func:`load_checkpoint`; restores weights, Adam state,
         generator state, best iterate and history, and continues from the saved step
+    validation : ``(A_H, y_H)``, the held-out rows (:mod:`dipuq.data.split`). Their loss
+        ``(1/m_H) ||A_H f(θ_k) − y_H||²`` is recorded in ``history["val"]``; with
+        ``cfg.stop = "validation"`` it selects the kept iterate and stops the fit. It is computed
+        without gradients: the fit's parameters never depend on these rows. Without it a
+        ``"validation"`` stop falls back to ``"none"``.
 
-    At the end the network holds the *last* weights; the lowest-loss weights are in
+    At the end the network holds the *last* weights; the kept weights are in
     ``state.fit.best_params`` (``run_dip`` loads them).
     """
     y, x_input = _check_inputs(net, A, y, x_input)
@@ -347,9 +375,12 @@ def fit_dip(
     sigma2_target = None
     if cfg.stop == "discrepancy":
         sigma2_target = cfg.sigma2 if cfg.sigma2 is not None else estimate_noise_sigma2(y)
+    if validation is not None:
+        A_H, y_H = validation
+        validation = (A_H, check_projections(A_H, y_H))
     optimizer = _adam(net, cfg.lr)
     fit = _Fit(net, optimizer, generator, x_input, cfg, sigma2_target,
-               history={"loss": [], "misfit": [], "tv": []})
+               history={"loss": [], "misfit": [], "tv": [], "val": []}, validation=validation)
     if resume is not None:
         _restore(fit, resume, y)
     return _fit_loop(fit, A, y)
@@ -363,16 +394,35 @@ def _adam(net, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(net.parameters(), lr=lr)
 
 
+def validation_window(cfg: DipConfig, best_iteration: int) -> int:
+    """Iterations without a held-out improvement after which the validation stop ends the fit."""
+    return max(int(cfg.patience), int(math.ceil(cfg.patience_rel * max(best_iteration, 0))))
+
+
+def _stop_reason(fit: _Fit, k: int, misfit: float) -> str | None:
+    cfg = fit.cfg
+    if fit.sigma2_target is not None and misfit <= cfg.tau * fit.sigma2_target:
+        return "discrepancy"
+    if cfg.stop == "validation" and fit.validation is not None:
+        if k - fit.best_iteration >= validation_window(cfg, fit.best_iteration):
+            return "validation"
+    if cfg.max_seconds and fit.elapsed_s >= cfg.max_seconds:
+        return "time"
+    return None
+
+
 def _fit_loop(fit: _Fit, A, y: torch.Tensor) -> Iterator[DipState]:
     net, opt, cfg = fit.net, fit.optimizer, fit.cfg
     params = [p for p in net.parameters()]
     names = [n for n, _ in net.named_parameters()]
     ndim = len(A.domain_shape)
     vol = tuple(A.domain_shape)
+    by_val = cfg.stop == "validation" and fit.validation is not None
     dropout = getattr(net, "has_dropout", False)
     if dropout:
         net.set_dropout(True, fit.generator)  # MC-dropout training: masks on during the fit
     net.train()
+    t_start, elapsed0 = time.perf_counter(), fit.elapsed_s
     try:
         for k in range(fit.steps, cfg.iterations):
             x = net(fit.x_input).reshape(vol)  # shape: domain_shape
@@ -385,20 +435,29 @@ def _fit_loop(fit: _Fit, A, y: torch.Tensor) -> Iterator[DipState]:
             lv, mv, tvv = loss.item(), misfit.item(), tv.item()
             if not math.isfinite(lv):
                 raise DivergenceError(f"DIP loss became {lv} at iteration {k}; lower dip.lr")
-            if lv < fit.best_loss:
-                fit.best_loss, fit.best_iteration = lv, k
+            if fit.validation is not None:
+                A_H, y_H = fit.validation
+                with torch.no_grad():
+                    fit.history["val"].append(float((A_H(x.detach()) - y_H).square().mean()))
+            crit = fit.history["val"][-1] if by_val else lv
+            if crit < fit.best_loss:
+                fit.best_loss, fit.best_iteration = crit, k
                 fit.best_params = {n: p.detach().clone() for n, p in zip(names, params)}
                 fit.best_recon = x.detach().clone()
             fit.history["loss"].append(lv)
             fit.history["misfit"].append(mv)
             fit.history["tv"].append(tvv)
-            if fit.sigma2_target is not None and mv <= cfg.tau * fit.sigma2_target:
+            fit.elapsed_s = elapsed0 + time.perf_counter() - t_start
+            reason = _stop_reason(fit, k, mv)
+            if reason == "discrepancy":  # this iterate satisfies the principle: keep it, take no step
                 yield DipState(k, lv, mv, tvv, fit.best_loss, fit.best_iteration, x.detach(), fit,
-                               stop_reason="discrepancy")
+                               stop_reason=reason)
                 return
             opt.step()
             fit.steps = k + 1
-            yield DipState(k, lv, mv, tvv, fit.best_loss, fit.best_iteration, x.detach(), fit)
+            yield DipState(k, lv, mv, tvv, fit.best_loss, fit.best_iteration, x.detach(), fit, stop_reason=reason)
+            if reason is not None:
+                return
     finally:
         if dropout:
             net.set_dropout(False)
@@ -433,7 +492,7 @@ def save_checkpoint(path: str | os.PathLike, state: DipState) -> Path:
         "best_params": {k: v.cpu() for k, v in fit.best_params.items()},
         "best_recon": None if fit.best_recon is None else fit.best_recon.cpu(),
         "stop_reason": state.stop_reason,
-        "elapsed_s": getattr(fit, "elapsed_s", 0.0),
+        "elapsed_s": fit.elapsed_s,
     }
     return atomic_torch_save(ckpt, path)
 
@@ -471,7 +530,8 @@ def _restore(fit: _Fit, ckpt: dict, y: torch.Tensor) -> None:
     fit.best_params = {k: v.to(dev) for k, v in ckpt["best_params"].items()}
     fit.best_recon = None if ckpt["best_recon"] is None else ckpt["best_recon"].to(dev)
     fit.steps = int(ckpt["steps"])
-    fit.elapsed_s = float(ckpt.get("elapsed_s", 0.0))  # type: ignore[attr-defined]
+    fit.history.setdefault("val", [])
+    fit.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
 
 
 # ----------------------------------------------------------------------------------------
@@ -487,11 +547,14 @@ class DipResult:
     recon : f(θ*; z), shape ``A.domain_shape``
     net_input : the fixed input z, shape ``(1, in_ch, *A.domain_shape)``
     network : ``UNet.spec()`` (rebuild with :meth:`build_net`)
-    history : per-iterate ``loss``, ``misfit`` (mean squared residual) and ``tv``
+    history : per-iterate ``loss``, ``misfit`` (mean squared residual), ``tv`` and, with held-out
+        rows, ``val`` (their mean squared residual)
     best_iteration : index k of θ* in the history
     sigma2 : noise-variance estimate ||A f(θ*) − y||² / m (see module docstring)
     iterations : Adam steps taken
-    stop_reason : ``"iterations"``, ``"discrepancy"`` or ``"callback"``
+    stop_reason : ``"validation"`` (held-out loss stopped improving), ``"iterations"`` (the cap
+        ``dip.iterations`` was reached: the fit may be unfinished), ``"time"`` (``dip.max_seconds``),
+        ``"discrepancy"`` or ``"callback"``
     timings : ``total_s`` (wall time of the fit, summed over resumptions), ``per_iteration_s``
     config : the :class:`DipConfig` as a dict
     """
@@ -549,6 +612,7 @@ def run_dip(
     checkpoint: str | os.PathLike | None = None,
     callbacks: Iterable[Callback] = (),
     progress: bool = False,
+    validation: tuple | None = None,
 ) -> DipResult:
     """Run :func:`fit_dip` to the end and return a :class:`DipResult` (``net`` ends at θ*).
 
@@ -560,6 +624,7 @@ def run_dip(
         once); it is (re)written every ``cfg.checkpoint_every`` steps and at the end.
     callbacks : called with each :class:`DipState`; returning True stops the fit
     progress : show a tqdm progress bar
+    validation : ``(A_H, y_H)`` held-out rows for the validation stop (see :func:`fit_dip`)
     """
     y, x_input = _check_inputs(net, A, y, x_input)
     ckpt = None
@@ -570,7 +635,7 @@ def run_dip(
     if x_input is None:
         x_input = make_input(A, y, cfg, generator, in_ch=getattr(net, "in_ch", 1))
 
-    states = fit_dip(net, A, y, x_input, cfg, generator, resume=ckpt)
+    states = fit_dip(net, A, y, x_input, cfg, generator, resume=ckpt, validation=validation)
     fit: _Fit | None = None
     state: DipState | None = None
     stop_reason = ckpt["stop_reason"] if ckpt is not None and ckpt.get("stop_reason") else "iterations"
@@ -589,7 +654,6 @@ def run_dip(
         else:
             for state in states:
                 fit = state.fit
-                fit.elapsed_s = elapsed0 + time.perf_counter() - t0  # type: ignore[attr-defined]
                 if bar is not None:
                     bar.update(1)
                     if state.iteration % 10 == 0:

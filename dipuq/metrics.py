@@ -33,7 +33,7 @@ import torch
 from dipuq.errors import DipuqError
 
 __all__ = [
-    "psnr", "ssim", "gaussian_log_likelihood", "coverage", "calibration_error", "spearman",
+    "psnr", "ssim", "gaussian_log_likelihood", "log_likelihood", "coverage", "calibration_error", "spearman",
     "crps_gaussian", "PatchCovariance", "patch_log_likelihood", "uncertainty_metrics", "DEFAULT_LEVELS",
 ]
 
@@ -115,21 +115,37 @@ def _normal_quantile(q: float) -> float:
     return math.sqrt(2.0) * float(torch.special.erfinv(torch.tensor(2 * q - 1, dtype=torch.float64)))
 
 
-def coverage(ref, mean, std, levels=DEFAULT_LEVELS) -> dict[float, float]:
-    """Empirical coverage of the central intervals mean ± Φ⁻¹((1+ℓ)/2)·std, for each level ℓ."""
+def log_likelihood(ref, mean, std, df: float | None = None, eps: float = 1e-12) -> float:
+    """Mean over voxels of the predictive log density at ref: Gaussian (``df`` None) or the
+    Student-t of ``df`` degrees of freedom with standard deviation std (the calibrated maps' shape)."""
+    if df is None:
+        return gaussian_log_likelihood(ref, mean, std, eps)
+    from dipuq.calibration import _logpdf
+
+    ref, mean, std = _same(ref, mean, std)
+    r = (ref - mean).reshape(-1).numpy()
+    return float(np.mean(_logpdf(r, std.clamp(min=eps).pow(2).reshape(-1).numpy(), df)))
+
+
+def coverage(ref, mean, std, levels=DEFAULT_LEVELS, df: float | None = None) -> dict[float, float]:
+    """Empirical coverage of the central intervals mean ± k(ℓ)·std, for each level ℓ, where k(ℓ) is
+    Φ⁻¹((1+ℓ)/2) (Gaussian, ``df`` None) or the Student-t quantile scaled to unit variance."""
+    from dipuq.calibration import interval_multiplier
+
     ref, mean, std = _same(ref, mean, std)
     az = (ref - mean).abs()
     out = {}
     for lv in levels:
         if not 0 < lv < 1:
             raise DipuqError(f"coverage level must be in (0, 1), got {lv}")
-        out[float(lv)] = float((az <= _normal_quantile(0.5 + lv / 2) * std).double().mean())
+        k = _normal_quantile(0.5 + lv / 2) if df is None else interval_multiplier(lv, df)
+        out[float(lv)] = float((az <= k * std).double().mean())
     return out
 
 
-def calibration_error(ref, mean, std, levels=CALIBRATION_LEVELS) -> float:
+def calibration_error(ref, mean, std, levels=CALIBRATION_LEVELS, df: float | None = None) -> float:
     """Mean over levels ℓ of |coverage(ℓ) − ℓ| (0 = perfectly calibrated; default ℓ = 0.05..0.95)."""
-    cov = coverage(ref, mean, std, levels)
+    cov = coverage(ref, mean, std, levels, df)
     return float(np.mean([abs(c - lv) for lv, c in cov.items()]))
 
 
@@ -240,16 +256,29 @@ def patch_log_likelihood(ref, mean, cov: PatchCovariance, jitter: float = 1e-6) 
     return float((ll / P).mean())
 
 
-def uncertainty_metrics(ref, mean, std, levels=DEFAULT_LEVELS, data_range: float | None = None) -> dict:
-    """All voxel-wise metrics in one dict (PSNR, SSIM, log-likelihood, coverage, calibration, ...)."""
+def uncertainty_metrics(ref, mean, std, levels=DEFAULT_LEVELS, data_range: float | None = None, *,
+                        mask=None, df: float | None = None) -> dict:
+    """All voxel-wise metrics in one dict (PSNR, SSIM, log-likelihood, coverage, calibration, ...).
+
+    ``mask`` (boolean, image shape) restricts every metric but SSIM (a windowed image measure,
+    computed on the whole image) to the voxels it marks, e.g. the region every projection angle
+    sees; ``df`` gives the Student-t interval shape of calibrated maps (log-likelihood, coverage
+    and calibration error use it; CRPS stays Gaussian).
+    """
     ref_t, mean_t, std_t = _same(ref, mean, std)
-    out = {"psnr": psnr(mean_t, ref_t, data_range)}
+    out = {}
     if ref_t.ndim in (2, 3) and min(ref_t.shape) >= 11:
         out["ssim"] = ssim(mean_t, ref_t, data_range)
-    out["log_likelihood"] = gaussian_log_likelihood(ref_t, mean_t, std_t)
-    for lv, c in coverage(ref_t, mean_t, std_t, levels).items():
+    if mask is not None:
+        keep = torch.as_tensor(np.asarray(mask, dtype=bool).reshape(tuple(ref_t.shape)))
+        if not keep.any():
+            raise DipuqError("the metrics mask selects no voxel")
+        ref_t, mean_t, std_t = ref_t[keep], mean_t[keep], std_t[keep]
+    out = {"psnr": psnr(mean_t, ref_t, data_range), **out}
+    out["log_likelihood"] = log_likelihood(ref_t, mean_t, std_t, df)
+    for lv, c in coverage(ref_t, mean_t, std_t, levels, df).items():
         out[f"coverage_{round(lv * 100)}"] = c
-    out["calibration_error"] = calibration_error(ref_t, mean_t, std_t)
+    out["calibration_error"] = calibration_error(ref_t, mean_t, std_t, df=df)
     out["spearman_std_abs_error"] = spearman(std_t, (ref_t - mean_t).abs())
     out["crps"] = crps_gaussian(ref_t, mean_t, std_t)
     return out

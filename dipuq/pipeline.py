@@ -24,8 +24,10 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import math
 import importlib.metadata
 import json
 import os
@@ -58,7 +60,8 @@ from dipuq.rundir import (
 __all__ = ["STAGES", "RunContext", "RunResult", "run_pipeline", "prepare_scan", "resolve_device", "stage_generator"]
 
 #: Stage names in pipeline order (folder ``stages/NN_name``).
-STAGES = ("scan", "fbp", "dip", "linearise", "posterior", "sampler", "maps", "metrics", "figures", "report")
+STAGES = ("scan", "fbp", "dip", "linearise", "posterior", "sampler", "calibrate", "maps", "metrics", "figures",
+          "report")
 CONFIG_FILE = "config.toml"
 REQUEST_FILE = "request.json"
 
@@ -225,19 +228,66 @@ def _load_scan(ctx):
     return Scan.load(ctx.path("scan", "scan.npz"))
 
 
-def _make_operator(ctx):
+def _load_split(ctx):
+    from dipuq.data.split import ProjectionSplit
+
+    path = ctx.path("scan", "split.json")
+    return ProjectionSplit.load(path) if path.exists() else ProjectionSplit.none(ctx["scan"].geometry.n_angles)
+
+
+def _operator(ctx, geometry):
     from dipuq.operators import RayTransform
 
-    return RayTransform(ctx["scan"].geometry, backend=ctx.config.operator.backend, device=ctx.device)
+    return RayTransform(geometry, backend=ctx.config.operator.backend, device=ctx.device)
+
+
+def _make_operator_all(ctx):
+    return _operator(ctx, ctx["scan"].geometry)
+
+
+def _make_operator(ctx):
+    """A of the fit: the scan's geometry restricted to the fitted angles."""
+    split = ctx["split"]
+    if not split.has_heldout:
+        return ctx["A_all"]
+    return _operator(ctx, ctx["scan"].geometry.subset(np.asarray(split.fit)))
+
+
+def _make_operator_heldout(ctx):
+    split = ctx["split"]
+    return _operator(ctx, ctx["scan"].geometry.subset(np.asarray(split.held))) if split.has_heldout else None
+
+
+def _projections(ctx, part: str, A):
+    """The ``part`` ("fit"/"held") projections in fit units (divided by the scan's scale ``norm``)."""
+    idx = np.asarray(getattr(ctx["split"], part))
+    y = ctx["scan"].projections[idx] / ctx["norm"]
+    return torch.as_tensor(y, dtype=A.dtype, device=A.device)
 
 
 def _load_y(ctx):
-    A = ctx["A"]
-    return torch.as_tensor(ctx["scan"].projections, dtype=A.dtype, device=A.device)
+    return _projections(ctx, "fit", ctx["A"])
+
+
+def _load_y_heldout(ctx):
+    return _projections(ctx, "held", ctx["A_H"]) if ctx["split"].has_heldout else None
 
 
 def _load_fbp(ctx):
     return torch.as_tensor(np.load(ctx.path("fbp", "fbp.npy")), device=ctx.device)
+
+
+def _load_fbp_fit(ctx):
+    path = ctx.path("fbp", "fbp_fit.npy")
+    return torch.as_tensor(np.load(path), device=ctx.device) if path.exists() else ctx["fbp"]
+
+
+def _load_norm(ctx):
+    return float(json.loads(ctx.path("fbp", "norm.json").read_text())["scale"])
+
+
+def _load_coverage(ctx):
+    return np.load(ctx.path("fbp", "coverage.npy"))
 
 
 def _load_dip(ctx):
@@ -279,8 +329,21 @@ def _load_moments(ctx):
     return Moments.from_state_dict(_torch_load(ctx.path("sampler", "moments.pt")))
 
 
+def _load_extra_moments(ctx):
+    from dipuq.uncertainty import Moments
+
+    path = ctx.path("sampler", "moments_extra.pt")
+    if not path.exists():
+        return {}
+    return {k: Moments.from_state_dict(v) for k, v in _torch_load(path).items()}
+
+
 def _load_sampling(ctx):
     return json.loads(ctx.path("sampler", "sampling.json").read_text())
+
+
+def _load_calibration(ctx):
+    return json.loads(ctx.path("calibrate", "calibration.json").read_text())
 
 
 def _load_maps(ctx):
@@ -295,9 +358,12 @@ def _load_metrics(ctx):
 
 
 _LOADERS: dict[str, Callable[[RunContext], Any]] = {
-    "scan": _load_scan, "A": _make_operator, "y": _load_y, "fbp": _load_fbp, "dip": _load_dip, "net": _load_net,
+    "scan": _load_scan, "split": _load_split, "A_all": _make_operator_all, "A": _make_operator,
+    "A_H": _make_operator_heldout, "y": _load_y, "y_H": _load_y_heldout, "fbp": _load_fbp,
+    "fbp_fit": _load_fbp_fit, "norm": _load_norm, "coverage": _load_coverage, "dip": _load_dip, "net": _load_net,
     "model": _load_model, "scale": _load_scale, "posterior": _load_posterior, "em": _load_em,
-    "moments": _load_moments, "sampling": _load_sampling, "maps": _load_maps, "metrics": _load_metrics,
+    "moments": _load_moments, "extra_moments": _load_extra_moments, "sampling": _load_sampling,
+    "calibration": _load_calibration, "maps": _load_maps, "metrics": _load_metrics,
 }
 
 
@@ -307,40 +373,76 @@ _LOADERS: dict[str, Callable[[RunContext], Any]] = {
 
 
 def stage_scan(ctx: RunContext, cfg) -> dict:
-    """Preprocess the input scan (``[data]``) and checkpoint it as NPZ."""
+    """Preprocess the input scan (``[data]``), checkpoint it as NPZ, and choose the held-out angles."""
+    from dipuq.data.split import ProjectionSplit
+
     scan = prepare_scan(ctx.input_scan, cfg)
+    split = ProjectionSplit.choose(scan.angles, cfg.holdout, cfg.holdout_min, generator=ctx.gen("scan"))
     with atomic_path(ctx.path("scan", "scan.npz")) as tmp:
         scan.save(tmp)
-    ctx["scan"] = scan
+    split.save(ctx.path("scan", "split.json"))
+    ctx["scan"], ctx["split"] = scan, split
     g = scan.geometry
-    return {"geometry": g.describe(), "projections": list(scan.projections.shape), "reference": scan.reference is not None}
+    return {"geometry": g.describe(), "projections": list(scan.projections.shape), "reference": scan.reference is not None,
+            "heldout_angles": len(split.held), "fit_angles": len(split.fit)}
+
+
+#: The scan's scale (``norm``) is this quantile of |FBP of the fitted angles|: a robust "typical
+#: bright voxel", so that every later stage works on an image of order one whatever the data's units.
+NORM_QUANTILE = 0.995
 
 
 def stage_fbp(ctx: RunContext, cfg) -> dict:
-    """The analytic reconstruction (FBP for parallel/fan beams, FDK for cone beams)."""
+    """The analytic reconstruction (FBP for parallel/fan beams, FDK for cone beams), of all angles and
+    of the fitted ones, the data scale, and the ray coverage of every voxel."""
     from dipuq.operators import recon
 
-    A, y = ctx["A"], ctx["y"]
+    A_all, scan, split = ctx["A_all"], ctx["scan"], ctx["split"]
     with torch.no_grad():
-        x = recon.analytic(A, y).reshape(A.domain_shape)
+        y_all = torch.as_tensor(scan.projections, dtype=A_all.dtype, device=A_all.device)
+        x = recon.analytic(A_all, y_all).reshape(A_all.domain_shape)
+        x_fit = x
+        if split.has_heldout:
+            A = ctx["A"]
+            y_fit = torch.as_tensor(scan.projections[np.asarray(split.fit)], dtype=A.dtype, device=A.device)
+            x_fit = recon.analytic(A, y_fit).reshape(A.domain_shape)
+            atomic_save_npy(ctx.path("fbp", "fbp_fit.npy"), x_fit.cpu().numpy())
+        cover = recon.ray_coverage(A_all).cpu().numpy()
     atomic_save_npy(ctx.path("fbp", "fbp.npy"), x.cpu().numpy())
-    ctx["fbp"] = x
-    return {"backend": A.backend, "method": "fdk" if A.geometry.beam == "cone" else "fbp"}
+    atomic_save_npy(ctx.path("fbp", "coverage.npy"), cover.astype(np.float32))
+    norm = float(torch.quantile(x_fit.abs().flatten().double()[:2**24], NORM_QUANTILE))
+    if not (math.isfinite(norm) and norm > 0):
+        norm = float(y_all.abs().max()) or 1.0
+    atomic_write_json(ctx.path("fbp", "norm.json"), {"scale": norm, "quantile": NORM_QUANTILE})
+    ctx["fbp"], ctx["fbp_fit"], ctx["norm"], ctx["coverage"] = x, x_fit, norm, cover
+    return {"backend": A_all.backend, "method": "fdk" if A_all.geometry.beam == "cone" else "fbp", "norm": norm,
+            "fully_covered": float((cover >= FULL_COVERAGE).mean())}
+
+
+#: A voxel is in the covered region (metrics, report) when rays of at least this share of the
+#: angles reach it.
+FULL_COVERAGE = 0.999
+
+
+def _dip_config(cfg, norm: float):
+    """The ``[dip]`` section in fit units (a known noise variance is divided by norm²)."""
+    return dataclasses.replace(cfg, sigma2=cfg.sigma2 / norm**2) if cfg.sigma2 else cfg
 
 
 def stage_dip(ctx: RunContext, cfg) -> dict:
-    """Fit the deep image prior (resumes a partly finished fit from its own checkpoint)."""
+    """Fit the deep image prior on the fitted angles, stopped by the held-out ones (resumes a partly
+    finished fit from its own checkpoint); compare it with the FBP on the held-out projections."""
     from dipuq.dip import run_dip
     from dipuq.metrics import psnr
     from dipuq.networks import UNet
 
-    A, y, scan = ctx["A"], ctx["y"], ctx["scan"]
+    A, y, scan, norm = ctx["A"], ctx["y"], ctx["scan"], ctx["norm"]
     gen = ctx.gen("dip")
     net = UNet.from_config(cfg.network, ndim=len(A.domain_shape), generator=gen).to(device=ctx.device, dtype=A.dtype)
-    x_input = ctx["fbp"].reshape(1, 1, *A.domain_shape) if cfg.input == "fbp" else None
+    x_input = (ctx["fbp_fit"] / norm).reshape(1, 1, *A.domain_shape).to(A.dtype) if cfg.input == "fbp" else None
     callbacks, psnr_trace = [], {"iteration": [], "psnr": []}
     if scan.reference is not None:
-        ref = torch.as_tensor(scan.reference)
+        ref = torch.as_tensor(scan.reference) / norm
         every = max(1, cfg.iterations // 150)
 
         def track(state):
@@ -349,13 +451,38 @@ def stage_dip(ctx: RunContext, cfg) -> dict:
                 psnr_trace["psnr"].append(psnr(state.recon.cpu(), ref))
 
         callbacks.append(track)
-    result = run_dip(net, A, y, cfg, x_input=x_input, generator=gen, checkpoint=ctx.path("dip", "fit.ckpt"),
-                     callbacks=callbacks, progress=ctx.progress)
+    validation = (ctx["A_H"], ctx["y_H"]) if ctx["split"].has_heldout else None
+    result = run_dip(net, A, y, _dip_config(cfg, norm), x_input=x_input, generator=gen,
+                     checkpoint=ctx.path("dip", "fit.ckpt"), callbacks=callbacks, progress=ctx.progress,
+                     validation=validation)
     atomic_write_json(ctx.path("dip", "psnr_trace.json"), psnr_trace)
     result.save(ctx.path("dip", "dip.pt"))
     ctx["dip"], ctx["net"] = result, net
+    check = _heldout_check(ctx, result, cfg)
+    atomic_write_json(ctx.path("dip", "heldout.json"), check)
     return {"iterations": result.iterations, "best_iteration": result.best_iteration, "stop_reason": result.stop_reason,
-            "residual_sigma2": result.sigma2}
+            "residual_sigma2": result.sigma2, **{k: v for k, v in check.items() if k != "message"}}
+
+
+def _heldout_check(ctx: RunContext, dip, cfg) -> dict:
+    """Mean squared held-out residual of the DIP and of the FBP of the same fitted angles; warns
+    (or, with ``dip.fallback = "error"``, stops) when the FBP explains the held-out data better."""
+    A_H, y_H = ctx["A_H"], ctx["y_H"]
+    if A_H is None:
+        return {"heldout": False}
+    with torch.no_grad():
+        dip_mse = float((A_H(dip.recon.to(A_H.dtype)) - y_H).double().square().mean())
+        fbp_mse = float((A_H((ctx["fbp_fit"] / ctx["norm"]).to(A_H.dtype)) - y_H).double().square().mean())
+    out = {"heldout": True, "heldout_mse_dip": dip_mse, "heldout_mse_fbp": fbp_mse, "fbp_wins": fbp_mse <= dip_mse}
+    if out["fbp_wins"]:
+        msg = (f"the FBP/FDK explains the held-out projections better than the DIP (mean squared residual "
+               f"{fbp_mse:.3g} vs {dip_mse:.3g}): the DIP reconstruction is not to be trusted over the FBP here; "
+               "try a longer fit (dip.iterations, dip.patience), another dip.lr or dip.gamma")
+        out["message"] = msg
+        if cfg.fallback == "error":
+            raise DipuqError(msg + " (dip.fallback = 'error')")
+        ctx.log(f"dipuq: warning: {msg}")
+    return out
 
 
 def stage_linearise(ctx: RunContext, cfg) -> dict:
@@ -370,11 +497,12 @@ def stage_linearise(ctx: RunContext, cfg) -> dict:
 
 
 def _sigma2(ctx: RunContext, cfg) -> tuple[float, str]:
-    scan = ctx["scan"]
+    """σ² of the fitted projections in fit units (the scan's units / norm²), and where it came from."""
+    scan, norm = ctx["scan"], ctx["norm"]
     if cfg.sigma2 > 0:
-        return cfg.sigma2, "config"
+        return cfg.sigma2 / norm**2, "config"
     if cfg.noise in ("auto", "scan") and scan.noise_std:
-        return float(scan.noise_std) ** 2, "scan"
+        return (float(scan.noise_std) / norm) ** 2, "scan"
     if cfg.noise == "scan":
         raise ConfigError("posterior.noise = 'scan' but the scan records no noise_std; use 'residual' or set posterior.sigma2")
     return float(ctx["dip"].sigma2), "residual"
@@ -421,9 +549,46 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
     return {"g": post.g, "sigma2": sigma2, "sigma2_source": source}
 
 
+def _moments_to(m, device):
+    m.s1, m.s2 = m.s1.to(device), m.s2.to(device)
+    if m.s4 is not None:
+        m.s4 = m.s4.to(device)
+    return m
+
+
+def _extra_accumulators(ctx: RunContext, post) -> dict:
+    """Streams the calibration needs besides the image samples: the prior draws J̃w₀ in image space
+    and, with held-out angles, the posterior samples and prior draws seen through A_H."""
+    from dipuq.uncertainty import Moments
+
+    shapes = {"prior": post.model.image_shape}
+    if ctx["A_H"] is not None:
+        shapes.update(heldout_post=ctx["A_H"].range_shape, heldout_prior=ctx["A_H"].range_shape)
+    return {k: Moments(shape, fourth=False, device=ctx.device) for k, shape in shapes.items()}
+
+
+def _extra_callback(ctx: RunContext, post, seed: int, acc: dict):
+    from dipuq.samplers import prior_draws
+
+    A_H = ctx["A_H"]
+
+    def on_state(st):
+        if not st.done:
+            return
+        with torch.no_grad():
+            x0 = post.J(prior_draws(post, st.chains, seed))  # shape: (b, *image_shape)
+            acc["prior"].update(x0)
+            if A_H is not None:
+                acc["heldout_post"].update(A_H(st.samples))
+                acc["heldout_prior"].update(A_H(x0))
+
+    return on_state
+
+
 def stage_sampler(ctx: RunContext, cfg) -> dict:
-    """Draw ``n_samples`` posterior samples, streaming their moments; resumes batch by batch."""
-    from dipuq.distributed import sample_distributed
+    """Draw ``n_samples`` posterior samples, streaming their moments (and the prior draws' and the
+    held-out projections' for the calibration); resumes batch by batch."""
+    from dipuq.distributed import allreduce_moments, sample_distributed
     from dipuq.samplers import make_sampler
     from dipuq.uncertainty import Moments
 
@@ -432,27 +597,31 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("sampler")))
     partial = ctx.path("sampler", "partial.pt")
     moments, history, done = Moments(post.model.image_shape, device=ctx.device), [], 0
+    extra = _extra_accumulators(ctx, post)
     st = _torch_load(partial) if ctx.is_main and partial.exists() else None
     if ctx.dist is not None and ctx.dist.is_distributed:
         st = ctx.dist.broadcast_object(st)  # every rank continues from rank 0's checkpoint
-    if st is not None:  # chains are a pure function of (seed, chain): continue where we stopped
-        if st.get("seed") == seed:
-            moments = Moments.from_state_dict(st["moments"])
-            moments.s1, moments.s2 = moments.s1.to(ctx.device), moments.s2.to(ctx.device)
-            if moments.s4 is not None:
-                moments.s4 = moments.s4.to(ctx.device)
-            history, done = st["history"], int(st["done"])
+    if st is not None and st.get("seed") == seed and set(st.get("extra", {})) == set(extra):
+        # chains are a pure function of (seed, chain): continue where we stopped
+        moments = _moments_to(Moments.from_state_dict(st["moments"]), ctx.device)
+        extra = {k: _moments_to(Moments.from_state_dict(v), ctx.device) for k, v in st["extra"].items()}
+        history, done = st["history"], int(st["done"])
     bar = ctx.tqdm(total=cfg.n_samples, initial=done, desc=f"sampling ({cfg.method})", unit="sample")
     t0 = time.perf_counter()
     try:
         while done < cfg.n_samples:
             world = ctx.dist.world_size if ctx.dist is not None else 1
             chains = list(range(done, min(done + cfg.chains_per_batch * world, cfg.n_samples)))
-            res = sample_distributed(sampler, post, chains=chains, seed=seed, ctx=ctx.dist, moments=moments)
+            new = {k: Moments(m.shape, fourth=False, device=ctx.device) for k, m in extra.items()}
+            res = sample_distributed(sampler, post, chains=chains, seed=seed, ctx=ctx.dist, moments=moments,
+                                     callback=_extra_callback(ctx, post, seed, new))
+            for k, m in new.items():
+                extra[k].merge(allreduce_moments(m, ctx.dist) if ctx.dist is not None else m)
             history += [{k: to_jsonable(v) for k, v in h.items()} for h in res.history]
             done = chains[-1] + 1
             if ctx.is_main:
-                _torch_save({"seed": seed, "done": done, "moments": moments.state_dict(), "history": history}, partial)
+                _torch_save({"seed": seed, "done": done, "moments": moments.state_dict(), "history": history,
+                             "extra": {k: m.state_dict() for k, m in extra.items()}}, partial)
             bar.update(len(chains))
     finally:
         bar.close()
@@ -470,10 +639,45 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
                 f"sampler.precond_max_rank")
     if ctx.is_main:
         _torch_save(moments.state_dict(), ctx.path("sampler", "moments.pt"))
+        _torch_save({k: m.state_dict() for k, m in extra.items()}, ctx.path("sampler", "moments_extra.pt"))
         atomic_write_json(ctx.path("sampler", "sampling.json"), sampling)
         partial.unlink(missing_ok=True)
-    ctx["moments"], ctx["sampling"] = moments, sampling
+    ctx["moments"], ctx["sampling"], ctx["extra_moments"] = moments, sampling, extra
     return {"n_samples": moments.n, "final_relative_residual": residual}
+
+
+def stage_calibrate(ctx: RunContext, cfg) -> dict:
+    """Fit the variance model of the error bars on the held-out projections (:mod:`dipuq.calibration`)."""
+    from dipuq.calibration import HeldoutPredictive, calibrate
+
+    A_H, y_H = ctx["A_H"], ctx["y_H"]
+    if not cfg.enabled or A_H is None:
+        why = "calibration.enabled = false" if not cfg.enabled else "no held-out angles (data.holdout = 0)"
+        out = {"enabled": False, "reason": why}
+    else:
+        extra, post = ctx["extra_moments"], ctx["posterior"]
+        with torch.no_grad():
+            resid = (y_H - A_H(ctx["dip"].recon.to(A_H.dtype))).double().cpu().numpy()
+        groups = np.broadcast_to(np.arange(A_H.range_shape[0]).reshape(-1, *([1] * (len(A_H.range_shape) - 1))),
+                                 A_H.range_shape)
+        pred = HeldoutPredictive(resid, extra["heldout_post"].variance().cpu().numpy(),
+                                 extra["heldout_prior"].variance().cpu().numpy(), post.sigma2, groups)
+        t0 = time.perf_counter()
+        model, report = calibrate(pred, cfg.terms, cfg.noise, cfg.tails)
+        out = {"enabled": True, **report, "fit_seconds": time.perf_counter() - t0,
+               "sigma2_source": "held-out fit" if cfg.noise == "fit" else ctx["em"].get("sigma2_source")}
+    if ctx.is_main:
+        atomic_write_json(ctx.path("calibrate", "calibration.json"), out)
+    ctx["calibration"] = out
+    keep = ("enabled", "reason", "model", "heldout_log_likelihood_raw", "heldout_log_likelihood_cv")
+    return {k: out[k] for k in keep if k in out} | ({"scale": out["parameters"]["scale"]} if out.get("enabled") else {})
+
+
+def calibrated_model(calibration: dict):
+    """The fitted :class:`~dipuq.calibration.VarianceModel` of a calibrate stage's record (None: off)."""
+    from dipuq.calibration import VarianceModel
+
+    return VarianceModel(**calibration["parameters"]) if calibration.get("enabled") else None
 
 
 #: Above this final relative gradient (sgd) or residual (cg) norm, a run warns that its samples
@@ -500,50 +704,85 @@ def _sampler_residual(history: list[dict], method: str = "cg") -> float | None:
 
 
 def stage_maps(ctx: RunContext, cfg) -> dict:
-    """Predictive mean (the DIP reconstruction) and std maps; the top-level NPY/TIFF files."""
+    """Predictive mean (the DIP reconstruction) and std maps (calibrated when the calibrate stage ran,
+    the raw linearised-posterior std beside it), in the scan's units; the top-level NPY/TIFF files."""
     from dipuq.uncertainty import UncertaintyMaps
 
-    dip = ctx["dip"]
-    maps = UncertaintyMaps.from_moments(dip.recon, ctx["moments"], meta={"mean": "dip reconstruction f(theta*)"})
+    dip, moments, norm = ctx["dip"], ctx["moments"], ctx["norm"]
+    model = calibrated_model(ctx["calibration"])
+    raw_var = moments.variance()
+    std_raw = raw_var.clamp_min(0).sqrt() * norm
+    meta = {"mean": "dip reconstruction f(theta*)", "norm": norm, "df": None, "calibrated": model is not None}
+    if model is not None:
+        prior = ctx["extra_moments"]["prior"].variance()
+        std = model.image_variance(raw_var, prior).clamp_min(0).sqrt() * norm
+        meta.update(df=model.df, calibration=model.to_dict())
+    else:
+        std = std_raw
+    se = moments.std_se() * norm * (std / std_raw.clamp_min(1e-30))  # MC error of the raw std, carried by the model
+    maps = UncertaintyMaps(mean=(dip.recon * norm).detach().cpu().numpy().reshape(moments.shape),
+                           std=std.cpu().numpy(), std_se=se.cpu().numpy(), n_samples=moments.n, meta=meta)
     maps.save(ctx.path("maps", "maps.npz"))
-    recon, std = maps.mean.astype(np.float32), maps.std.astype(np.float32)
+    recon, std32 = maps.mean.astype(np.float32), maps.std.astype(np.float32)
     atomic_save_npy(ctx.run.path("recon.npy"), recon)
-    atomic_save_npy(ctx.run.path("std.npy"), std)
+    atomic_save_npy(ctx.run.path("std.npy"), std32)
+    atomic_save_npy(ctx.run.path("std_raw.npy"), std_raw.cpu().numpy().astype(np.float32))
     if cfg.tiff:
         vs = ctx["scan"].geometry.voxel_size
         atomic_save_tiff(ctx.run.path("recon.tif"), recon, voxel_size=vs)
-        atomic_save_tiff(ctx.run.path("std.tif"), std, voxel_size=vs)
+        atomic_save_tiff(ctx.run.path("std.tif"), std32, voxel_size=vs)
     ctx["maps"] = maps
-    return {"shape": list(recon.shape), "mean_std": float(std.mean())}
+    return {"shape": list(recon.shape), "mean_std": float(std32.mean()), "mean_std_raw": float(std_raw.mean())}
 
 
 def stage_metrics(ctx: RunContext, cfg) -> dict:
-    """Metrics against the reference (skipped when the scan has none)."""
+    """Metrics against the reference, inside the region every angle sees (skipped without a reference);
+    the held-out checks and the calibration, which need none, are recorded either way."""
     from dipuq.metrics import psnr, ssim, uncertainty_metrics
 
     scan, maps = ctx["scan"], ctx["maps"]
-    if scan.reference is None:
-        ctx.run.path("metrics.json").unlink(missing_ok=True)
-        ctx["metrics"] = None
-        return {"skipped": "the scan has no reference volume"}
-    ref = scan.reference
-    m = uncertainty_metrics(ref, maps.mean, maps.std)
-    fbp = ctx["fbp"].cpu().numpy()
-    m["fbp_psnr"] = psnr(fbp, ref)
-    if "ssim" in m:
-        m["fbp_ssim"] = ssim(fbp, ref)
-    m["rmse"] = float(np.sqrt(np.mean((maps.mean.astype(np.float64) - ref) ** 2)))
-    m["mean_std"] = float(maps.std.mean())
-    m["mean_abs_error"] = float(np.abs(maps.mean - ref).mean())
+    heldout_path = ctx.path("dip", "heldout.json")
+    heldout = json.loads(heldout_path.read_text()) if heldout_path.exists() else {}
+    cal = ctx["calibration"]
+    m: dict[str, Any] = {}
+    if scan.reference is not None:
+        ref = scan.reference
+        mask = ctx["coverage"] >= FULL_COVERAGE
+        m = uncertainty_metrics(ref, maps.mean, maps.std, mask=mask, df=maps.meta.get("df"))
+        fbp = ctx["fbp"].cpu().numpy()
+        m["fbp_psnr"] = psnr(fbp[mask], ref[mask], data_range=float(ref[mask].max() - ref[mask].min()))
+        if "ssim" in m:
+            m["fbp_ssim"] = ssim(fbp, ref)
+        err = (maps.mean.astype(np.float64) - ref)[mask]
+        m["rmse"] = float(np.sqrt(np.mean(err ** 2)))
+        m["mean_std"] = float(maps.std[mask].mean())
+        m["mean_abs_error"] = float(np.abs(err).mean())
+        if maps.meta.get("calibrated"):
+            raw = uncertainty_metrics(ref, maps.mean, np.load(ctx.run.path("std_raw.npy")), mask=mask)
+            m.update({f"raw_{k}": raw[k] for k in ("log_likelihood", "coverage_90", "calibration_error",
+                                                   "spearman_std_abs_error")})
+        m["covered_fraction"] = float(mask.mean())
     if maps.std_se is not None:
         m["std_mc_rel_error"] = float(np.mean(maps.std_se / np.maximum(maps.std, 1e-30)))
     m["n_samples"] = int(maps.n_samples)
     residual = ctx["sampling"].get("final_relative_residual")
     if residual is not None:
         m["sampler_relative_residual"] = float(residual)
+    m.update({k: heldout[k] for k in ("heldout_mse_dip", "heldout_mse_fbp", "fbp_wins") if k in heldout})
+    if cal.get("enabled"):
+        m.update({"calibration_model": cal["model"], "calibration_scale": cal["parameters"]["scale"],
+                  "calibration_df": cal["parameters"]["df"],
+                  "heldout_log_likelihood_raw": cal["heldout_log_likelihood_raw"],
+                  "heldout_log_likelihood_cv": cal["heldout_log_likelihood_cv"]})
+        lv = cal["levels"]
+        i90 = min(range(len(lv)), key=lambda i: abs(lv[i] - 0.9))
+        m["heldout_coverage_90_raw"] = cal["coverage_raw"][i90]
+        m["heldout_coverage_90"] = cal["coverage_calibrated"][i90]
+    dip = ctx["dip"]
+    m.update(dip_iterations=dip.iterations, dip_best_iteration=dip.best_iteration, dip_stop_reason=dip.stop_reason)
     atomic_write_json(ctx.run.path("metrics.json"), m)
     ctx["metrics"] = m
-    return {k: m[k] for k in ("psnr", "coverage_90", "calibration_error") if k in m}
+    return {k: m[k] for k in ("psnr", "coverage_90", "calibration_error", "heldout_coverage_90", "fbp_wins") if k in m}
 
 
 def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
@@ -640,6 +879,7 @@ STAGE_FUNCS: dict[str, tuple[Callable[[RunContext, Any], dict], str]] = {
     "linearise": (stage_linearise, "linearise"),
     "posterior": (stage_posterior, "posterior"),
     "sampler": (stage_sampler, "sampler"),
+    "calibrate": (stage_calibrate, "calibration"),
     "maps": (stage_maps, "output"),
     "metrics": (stage_metrics, "output"),
     "figures": (stage_figures, "output"),
@@ -648,12 +888,13 @@ STAGE_FUNCS: dict[str, tuple[Callable[[RunContext, Any], dict], str]] = {
 
 
 STAGE_TITLES = {
-    "scan": "scan: preprocessing the projections",
-    "fbp": "fbp: analytic reconstruction (FBP / FDK)",
+    "scan": "scan: preprocessing the projections, choosing the held-out angles",
+    "fbp": "fbp: analytic reconstruction (FBP / FDK), data scale, ray coverage",
     "dip": "dip: fitting the deep image prior",
     "linearise": "linearise: Jacobian at the fit and g-prior scales",
     "posterior": "posterior: noise level and EM for the prior variance g",
     "sampler": "sampler: drawing posterior samples",
+    "calibrate": "calibrate: fitting the error bars to the held-out projections",
     "maps": "maps: reconstruction and std volumes (NPY, TIFF)",
     "metrics": "metrics: comparison with the reference",
     "figures": "figures: PNG slices and diagnostics",
@@ -854,7 +1095,7 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
 
 def _share_with_ranks(ctx: RunContext, todo) -> None:
     """Send rank 0's scan, DIP fit and g-prior scales (and a finished posterior) to every rank."""
-    names = ["scan", "dip", "scale"] + (["posterior"] if "posterior" not in todo else [])
+    names = ["scan", "split", "norm", "dip", "scale"] + (["posterior"] if "posterior" not in todo else [])
 
     def pack():
         vals = {k: ctx[k] for k in names}

@@ -67,7 +67,7 @@ from dipuq.uncertainty import Moments
 __all__ = [
     "SamplerConfig", "SamplerState", "SampleResult", "MeanResult", "Sampler", "SGDSampler", "CGSampler",
     "ExactSampler", "make_sampler", "chain_generator", "EMState", "EMResult", "iterate_em", "run_em",
-    "SAMPLERS",
+    "SAMPLERS", "prior_draws",
 ]
 
 
@@ -221,6 +221,11 @@ def _chain_noise(post: Posterior, chains: Sequence[int], seed: int) -> tuple[tor
         xi.append(torch.randn(post.p, generator=gen, device=dev, dtype=dt))
         zeta.append(torch.randn(post.A.range_shape, generator=gen, device=dev, dtype=dt))
     return math.sqrt(post.g) * torch.stack(xi), math.sqrt(post.sigma2) * torch.stack(zeta)
+
+
+def prior_draws(post: Posterior, chains: Sequence[int], seed: int) -> torch.Tensor:
+    """The prior draws w₀ ~ N(0, g I) that chains ``chains`` of run ``seed`` start from, ``(b, p)``."""
+    return _chain_noise(post, chains, seed)[0]
 
 
 def _sqnorm(x: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from dipuq.errors import DipuqError, DivergenceError
 from dipuq.operators.base import LinearOperator
 from dipuq.operators.cone_cpu import lift3d
 
-__all__ = ["FILTERS", "fbp", "fdk", "analytic", "sirt", "cgls", "sirt_iterates", "cgls_iterates",
+__all__ = ["FILTERS", "fbp", "fdk", "analytic", "ray_coverage", "sirt", "cgls", "sirt_iterates", "cgls_iterates",
            "IterState", "ramp_filter", "filtered_backprojection"]
 
 FILTERS = ("ramp", "shepp-logan", "cosine", "hann")
@@ -226,6 +226,30 @@ def fdk(A: LinearOperator, y: torch.Tensor, filter: str = "ramp", impl: str = "t
         prac = ys[i].transpose(0, 1).contiguous().cpu().numpy()
         outs.append(torch.from_numpy(_astra.fdk_cuda(vol3, g.voxel_size, det3, vec, prac)))
     return torch.stack(outs).to(device=y.device, dtype=y.dtype).reshape(*lead, *g.vol_shape)
+
+
+def ray_coverage(A: LinearOperator, chunk: int = 8) -> torch.Tensor:
+    """Share of the projection angles whose rays reach each voxel, shape ``A.domain_shape``.
+
+    Voxel i is reached at angle a when the back-projection of the indicator of angle a's rows,
+    ``(Aᵀ 1_a)_i``, exceeds a quarter of that back-projection's median over the voxels it
+    reaches (interpolation tails and corner voxels that a ray only grazes do not count). 1 marks
+    the region every angle sees; in a limited-angle or truncated scan the rest is seen from some
+    directions only, where a reconstruction is unconstrained. Angles are the first axis of
+    ``A.range_shape``; ``chunk`` angles are back-projected at a time.
+    """
+    n = int(A.range_shape[0])
+    count = torch.zeros(A.domain_shape, dtype=torch.float64, device=A.device)
+    for a0 in range(0, n, chunk):
+        k = min(chunk, n - a0)
+        e = torch.zeros((k, *A.range_shape), dtype=A.dtype, device=A.device)
+        e[torch.arange(k), torch.arange(a0, a0 + k)] = 1.0
+        bp = A.T(e).reshape(k, -1)  # shape: (k, d)
+        for j in range(k):
+            pos = bp[j][bp[j] > 0]
+            if pos.numel():
+                count += (bp[j] > 0.25 * pos.median()).reshape(A.domain_shape)
+    return count / n
 
 
 def analytic(A: LinearOperator, y: torch.Tensor, filter: str = "ramp") -> torch.Tensor:
