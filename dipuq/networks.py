@@ -63,6 +63,9 @@ class NetworkConfig:
     dropout : channel-dropout probability after each block (0 = no dropout layers; > 0 for
         MC dropout)
     sigmoid : squash the output through a sigmoid (default: linear output)
+    residual : add the input to the output, f(θ; z) = z + U(θ; z): with the FBP/FDK as input
+        the fit starts from the analytic reconstruction and learns a correction (needs
+        ``in_ch == out_ch``; not with ``sigmoid``)
     """
 
     scales: int = 4
@@ -71,6 +74,7 @@ class NetworkConfig:
     groupnorm: int = 4
     dropout: float = 0.0
     sigmoid: bool = False
+    residual: bool = False
 
     def __post_init__(self):
         if isinstance(self.channels, Sequence):
@@ -87,6 +91,8 @@ class NetworkConfig:
             raise ConfigError(f"network.groupnorm must be >= 0 groups, got {self.groupnorm}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"network.dropout must be in [0, 1), got {self.dropout}")
+        if self.residual and self.sigmoid:
+            raise ConfigError("network.residual and network.sigmoid cannot both be on")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -177,7 +183,7 @@ class UNet(nn.Module):
     ----------
     ndim : 2 (inputs ``(batch, ch, y, x)``) or 3 (``(batch, ch, z, y, x)``)
     in_ch, out_ch : input / output channels
-    scales, channels, skip_channels, groupnorm, dropout, sigmoid : see :class:`NetworkConfig`
+    scales, channels, skip_channels, groupnorm, dropout, sigmoid, residual : see :class:`NetworkConfig`
     generator : draws the initial weights (Kaiming-uniform, PyTorch's default scheme); None uses
         torch's default generator
 
@@ -201,11 +207,14 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         sigmoid: bool = False,
         generator: torch.Generator | None = None,
+        residual: bool = False,
     ):
         super().__init__()
         if ndim not in (2, 3):
             raise ConfigError(f"UNet ndim must be 2 or 3, got {ndim!r}")
-        self.config = NetworkConfig(scales, channels, skip_channels, groupnorm, dropout, sigmoid)
+        self.config = NetworkConfig(scales, channels, skip_channels, groupnorm, dropout, sigmoid, residual)
+        if residual and in_ch != out_ch:
+            raise ConfigError(f"network.residual needs as many input as output channels, got {in_ch} and {out_ch}")
         cfg = self.config
         self.ndim, self.in_ch, self.out_ch = ndim, int(in_ch), int(out_ch)
         ch = _per_level(cfg.channels, cfg.scales, "channels", 1)
@@ -230,7 +239,7 @@ class UNet(nn.Module):
                     generator: torch.Generator | None = None) -> UNet:
         """Build the network a :class:`NetworkConfig` describes."""
         return cls(ndim, in_ch, out_ch, cfg.scales, cfg.channels, cfg.skip_channels, cfg.groupnorm,
-                   cfg.dropout, cfg.sigmoid, generator=generator)
+                   cfg.dropout, cfg.sigmoid, generator=generator, residual=cfg.residual)
 
     def spec(self) -> dict:
         """Everything needed to rebuild this network (``UNet.from_spec(net.spec())``)."""
@@ -297,6 +306,8 @@ class UNet(nn.Module):
         out = self.outc(h)
         if self.config.sigmoid:
             out = torch.sigmoid(out)
+        if self.config.residual:
+            out = out + z
 
         if any(extra):
             idx = [slice(None), slice(None)]

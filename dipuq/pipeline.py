@@ -459,6 +459,11 @@ def stage_dip(ctx: RunContext, cfg) -> dict:
     result.save(ctx.path("dip", "dip.pt"))
     ctx["dip"], ctx["net"] = result, net
     check = _heldout_check(ctx, result, cfg)
+    check["unfinished"] = _dip_unfinished(result)
+    if check["unfinished"]:
+        ctx.log(f"dipuq: warning: the DIP reached dip.{'iterations' if result.stop_reason == 'iterations' else 'max_seconds'}"
+                f" while its held-out loss was still improving (kept iterate {result.best_iteration} of "
+                f"{result.iterations}): the fit may be unfinished")
     atomic_write_json(ctx.path("dip", "heldout.json"), check)
     return {"iterations": result.iterations, "best_iteration": result.best_iteration, "stop_reason": result.stop_reason,
             "residual_sigma2": result.sigma2, **{k: v for k, v in check.items() if k != "message"}}
@@ -795,19 +800,38 @@ def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
     quantities = viz.derived_maps(maps.mean, maps.std, ref)
     out["slices"] = ("Orthogonal slices through the centre" if scan.ndim == 3 else "Reconstruction and error bars",
                      viz.orthoslices(quantities, zscore_limit=cfg.zscore_limit, voxel_size=scan.geometry.voxel_size))
+    mask = ctx["coverage"] >= FULL_COVERAGE
+    cal = ctx["calibration"]
+    if cal.get("enabled"):
+        lv = np.asarray(cal["levels"])
+        fold = "out-of-fold, " if cal.get("coverage_out_of_fold") else ""
+        out["heldout_reliability"] = (
+            "Held-out projections: coverage of y_H by its predictive intervals (no reference needed)",
+            viz.reliability_diagram([lv, lv], [cal["coverage_raw"], cal["coverage_calibrated"]],
+                                    labels=["linearised posterior (raw)", f"calibrated ({fold}{cal['model']})"],
+                                    title="Error bars checked on held-out projections",
+                                    ylabel="fraction of held-out rays inside"))
     if ref is not None:
         err = maps.mean - ref
-        nominal, empirical = viz.coverage_curve(err, maps.std)
-        out["calibration"] = ("Reliability diagram: coverage of x̂ ± qσ", viz.reliability_diagram(nominal, empirical))
+        nominal, empirical = viz.coverage_curve(err[mask], maps.std[mask], df=maps.meta.get("df"))
+        curves, labels = [empirical], ["dipuq (calibrated)" if maps.meta.get("calibrated") else "dipuq"]
+        if maps.meta.get("calibrated"):
+            curves.append(viz.coverage_curve(err[mask], np.load(ctx.run.path("std_raw.npy"))[mask])[1])
+            labels.append("linearised posterior (raw)")
+        out["calibration"] = ("Reliability diagram: coverage of x̂ ± qσ", viz.reliability_diagram(
+            [nominal] * len(curves), curves, labels=labels))
         rho = (ctx["metrics"] or {}).get("spearman_std_abs_error")
         out["std_vs_error"] = ("Posterior std against |error|, per voxel", viz.std_error_hexbin(maps.std, np.abs(err), spearman=rho))
+    if not mask.all():
+        out["coverage"] = ("Ray coverage: the region every angle sees", viz.coverage_map(ctx["coverage"]))
     misfit = dip.history.get("misfit") or dip.history.get("loss")
     if misfit:
         trace_path = ctx.path("dip", "psnr_trace.json")
         trace = json.loads(trace_path.read_text()) if trace_path.exists() else {}
-        noise = float(scan.noise_std) ** 2 if scan.noise_std else None
+        noise = (float(scan.noise_std) / ctx["norm"]) ** 2 if scan.noise_std else None
         out["dip_loss"] = ("Deep image prior fit", viz.loss_curve(
             np.arange(len(misfit)), misfit, best_iteration=dip.best_iteration, noise_level=noise,
+            heldout=dip.history.get("val"),
             psnr=(trace["iteration"], trace["psnr"]) if trace.get("psnr") else None))
     sampling = ctx["sampling"]
     curves = {}
@@ -842,6 +866,36 @@ def stage_figures(ctx: RunContext, cfg) -> dict:
     return {"files": [f"figures/{n}.png" for n in written]}
 
 
+def _dip_unfinished(dip) -> bool:
+    """Whether a validation-stopped fit hit its iteration cap or time limit before the held-out loss
+    stopped improving (its kept iterate lies within the patience window of the end)."""
+    if dip.stop_reason not in ("iterations", "time") or not dip.history.get("val"):
+        return False
+    from dipuq.dip import DipConfig, validation_window
+
+    cfg = DipConfig.from_dict(dip.config)
+    return dip.iterations - 1 - dip.best_iteration < validation_window(cfg, dip.best_iteration)
+
+
+def _run_warnings(ctx: RunContext) -> list[str]:
+    """What the report must put first: the FBP beating the DIP, an unfinished fit, unconverged samples."""
+    out = []
+    path = ctx.path("dip", "heldout.json")
+    check = json.loads(path.read_text()) if path.exists() else {}
+    if check.get("fbp_wins"):
+        out.append(check.get("message", "the FBP/FDK explains the held-out projections better than the DIP"))
+    dip = ctx["dip"]
+    if _dip_unfinished(dip):
+        out.append(f"the DIP fit was stopped by its {'iteration cap' if dip.stop_reason == 'iterations' else 'time limit'} "
+                   f"at iteration {dip.iterations} while the held-out loss was still falling (kept iterate "
+                   f"{dip.best_iteration}): it may be unfinished; raise dip.iterations / dip.max_seconds")
+    residual = ctx["sampling"].get("final_relative_residual")
+    if residual is not None and residual > SAMPLER_RESIDUAL_WARN:
+        out.append(f"the sampler stopped at a convergence measure of {residual:.2g} (> {SAMPLER_RESIDUAL_WARN:g}): "
+                   "the std map is biased")
+    return out
+
+
 def stage_report(ctx: RunContext, cfg) -> dict:
     """The self-contained ``report.html``."""
     from dipuq import viz
@@ -867,7 +921,7 @@ def stage_report(ctx: RunContext, cfg) -> dict:
     write_report(ctx.run.path("report.html"), maps.mean, maps.std, reference=scan.reference, metrics=ctx["metrics"],
                  figures=figures, config_text=dumps_config(ctx.config), provenance=provenance,
                  title=f"dipuq report: {scan.name or 'reconstruction'}", subtitle=sub,
-                 n_slices=cfg.report_slices, zscore_limit=cfg.zscore_limit)
+                 n_slices=cfg.report_slices, zscore_limit=cfg.zscore_limit, warnings=_run_warnings(ctx))
     return {"file": "report.html"}
 
 

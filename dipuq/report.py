@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,20 @@ METRIC_DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "mean_abs_error": ("mean |error|", "average absolute error of x̂"),
     "zscore_std": ("std of z-scores", "spread of (x̂ − x_ref)/σ; 1 when σ is calibrated"),
     "patch_loglik": ("patch log-likelihood", "Gaussian log-likelihood of p×p patches with sample covariances"),
+    "covered_fraction": ("covered region", "share of voxels seen by every projection angle; the reference metrics are computed there"),
+    "heldout_mse_dip": ("held-out residual, DIP", "mean squared residual of the DIP on the held-out angles (fit units; lower is better)"),
+    "heldout_mse_fbp": ("held-out residual, FBP/FDK", "the same for the FBP/FDK of the fitted angles: if it is lower, the FBP explains unseen data better"),
+    "fbp_wins": ("FBP beats the DIP on held-out data", "True is a warning: the DIP is not to be trusted over the FBP/FDK here"),
+    "calibration_model": ("calibration model", "variance model fitted on the held-out projections"),
+    "calibration_scale": ("calibration scale c", "factor on the linearised posterior covariance (1 = the raw posterior was right)"),
+    "calibration_df": ("interval degrees of freedom", "Student-t degrees of freedom of the error bars (None = Gaussian)"),
+    "heldout_log_likelihood_raw": ("held-out log-likelihood, raw", "mean log predictive density of the held-out rays under the raw posterior"),
+    "heldout_log_likelihood_cv": ("held-out log-likelihood, calibrated", "the same under the calibrated model, each held-out angle predicted by parameters fitted on the others"),
+    "heldout_coverage_90_raw": ("held-out coverage 90 %, raw", "fraction of held-out rays inside their raw 90 % predictive interval (ideal 0.90)"),
+    "heldout_coverage_90": ("held-out coverage 90 %, calibrated", "the same after calibration, out of fold (ideal 0.90; needs no reference)"),
+    "dip_iterations": ("DIP iterations", "Adam steps taken"),
+    "dip_best_iteration": ("DIP kept iterate", "the iterate kept (lowest held-out loss under the validation stop)"),
+    "dip_stop_reason": ("DIP stop reason", "validation: held-out loss stopped improving; iterations: the cap was hit (maybe unfinished)"),
 }
 
 _CSS = """
@@ -60,6 +74,7 @@ h1{font-size:1.5em;margin:0.2em 0}
 h2{font-size:1.15em;margin:1.6em 0 0.5em;border-bottom:1px solid #ddd;padding-bottom:4px}
 .sub{color:#555;margin:0 0 1em}
 .note{color:#555;font-size:0.9em;max-width:70em}
+.warn{background:#fff3f0;border:1px solid #e0a090;border-radius:6px;padding:8px 12px;max-width:70em}
 .viewer{background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:10px 12px;margin:10px 0}
 .viewer .ctrl{display:flex;align-items:center;gap:12px;margin-bottom:8px}
 .viewer .ctrl b{min-width:7em}
@@ -173,6 +188,7 @@ def render_report(
     n_slices: int = 24,
     zscore_limit: float = 3.0,
     max_px: int = 256,
+    warnings: Sequence[str] = (),
 ) -> str:
     """The report as an HTML string (see the module docstring).
 
@@ -185,6 +201,7 @@ def render_report(
     config_text, provenance : shown verbatim / as JSON in collapsible sections
     n_slices : slices pre-rendered per axis (bounds the file size)
     max_px : slices larger than this are subsampled for the viewer
+    warnings : lines shown in a box at the top (e.g. "the FBP explains the held-out data better")
     """
     maps = viz.derived_maps(recon, std, reference)
     frames, cbars = _frames(maps, n_slices, zscore_limit, max_px)
@@ -196,6 +213,8 @@ def render_report(
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="sub">{html.escape(subtitle)}</p>' if subtitle else "",
     ]
+    for w in warnings:
+        parts.append(f'<p class="warn"><b>Warning:</b> {html.escape(w)}</p>')
 
     # -- slice viewer
     parts.append("<h2>Slices</h2>")
@@ -222,7 +241,7 @@ def render_report(
 
     # -- metrics
     if metrics:
-        parts.append("<h2>Metrics against the reference</h2><table><tr><th>metric</th><th>value</th><th>meaning</th></tr>")
+        parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>meaning</th></tr>")
         for k, v in _flat_metrics(metrics):
             label, meaning = METRIC_DESCRIPTIONS.get(k.split(".")[-1], (k, ""))
             parts.append(f'<tr><td>{html.escape(label)}</td><td class="num">{_fmt(v)}</td><td>{html.escape(meaning)}</td></tr>')

@@ -45,6 +45,7 @@ __all__ = [
     "AXES",
     "QUANTITIES",
     "derived_maps",
+    "coverage_map",
     "display_scales",
     "take_slice",
     "slice_indices",
@@ -143,14 +144,15 @@ def slice_indices(n: int, count: int) -> list[int]:
     return sorted(idx)
 
 
-def coverage_curve(error, std, levels=None) -> tuple[np.ndarray, np.ndarray]:
-    """Empirical coverage of central Gaussian intervals ``x̂ ± Φ⁻¹((1+p)/2) σ`` at nominal levels p."""
-    from scipy.stats import norm
+def coverage_curve(error, std, levels=None, df: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical coverage of central intervals ``x̂ ± k(p) σ`` at nominal levels p: Gaussian
+    (k = Φ⁻¹((1+p)/2)) or, with ``df``, Student-t scaled to standard deviation σ."""
+    from dipuq.calibration import interval_multiplier
 
     levels = np.linspace(0.05, 0.99, 48) if levels is None else np.asarray(levels, dtype=np.float64)
     e = np.abs(np.asarray(error, dtype=np.float64)).ravel()
     s = np.asarray(std, dtype=np.float64).ravel()
-    q = norm.ppf(0.5 + levels / 2)
+    q = np.array([interval_multiplier(float(lv), df) for lv in levels])
     ratio = np.sort(e / np.maximum(s, 1e-30))
     empirical = np.searchsorted(ratio, q, side="right") / ratio.size
     return levels, empirical
@@ -232,7 +234,8 @@ def orthoslices(
 
 
 def reliability_diagram(
-    nominal, empirical, *, labels: Sequence[str] | None = None, title: str = "Calibration of the error bars"
+    nominal, empirical, *, labels: Sequence[str] | None = None, title: str = "Calibration of the error bars",
+    ylabel: str = "fraction of voxels with x_ref inside",
 ) -> Figure:
     """Empirical vs nominal coverage of central intervals ``x̂ ± q σ``; the diagonal is perfect
     calibration. ``nominal``/``empirical`` may be 1D (one method) or lists of 1D (several)."""
@@ -253,10 +256,31 @@ def reliability_diagram(
     ax.set_ylim(0, 1)
     ax.set_aspect("equal")
     ax.set_xlabel("nominal coverage of x̂ ± qσ")
-    ax.set_ylabel("fraction of voxels with x_ref inside")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 0.13), fontsize=8, framealpha=0.8)
+    return fig
+
+
+def coverage_map(cover: np.ndarray) -> Figure:
+    """The share of projection angles whose rays reach each voxel (central slices of a volume):
+    1 is the region every angle sees, where the metrics are computed."""
+    cover = np.asarray(cover, dtype=np.float64)
+    views = [cover] if cover.ndim == 2 else [cover[cover.shape[0] // 2], cover[:, cover.shape[1] // 2],
+                                               cover[:, :, cover.shape[2] // 2]]
+    names = ["image"] if cover.ndim == 2 else ["axial", "coronal", "sagittal"]
+    fig = _new_figure(3.4 * len(views) + 0.8, 3.4)
+    axes = fig.subplots(1, len(views), squeeze=False)[0]
+    for ax, v, name in zip(axes, views, names):
+        im = ax.imshow(v, cmap="viridis", vmin=0, vmax=1, origin="upper")
+        ax.contour(v >= 0.999, levels=[0.5], colors="white", linewidths=1.0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=list(axes), shrink=0.85, label="share of angles that see the voxel")
+    fig.suptitle(f"Ray coverage: {float((cover >= 0.999).mean()):.0%} of voxels seen by every angle (white outline)",
+                 fontsize=10)
     return fig
 
 
@@ -296,16 +320,21 @@ def loss_curve(
     psnr: tuple[Sequence[float], Sequence[float]] | None = None,
     best_iteration: int | None = None,
     noise_level: float | None = None,
+    heldout: Sequence[float] | None = None,
     ylabel: str = "data misfit (1/m)||A f(θ) − y||²",
     title: str = "Deep image prior fit",
 ) -> Figure:
     """A training curve against Adam iteration (log scale): the data misfit by default, with
     optionally ``psnr = (iterations, values)`` against the reference (right axis), the kept
-    iterate θ* and the noise level (the misfit that noise alone produces, σ²)."""
+    iterate θ* and the noise level (the misfit that noise alone produces, σ²); ``heldout`` is the
+    misfit on the held-out angles that the validation stop watches."""
     it = np.asarray(iterations)
     fig = _new_figure(6.4, 3.6)
     ax = fig.add_subplot()
-    ax.plot(it, np.asarray(loss), color="tab:blue", lw=1.4, label="misfit")
+    ax.plot(it, np.asarray(loss), color="tab:blue", lw=1.4, label="misfit (fitted angles)")
+    if heldout is not None and len(heldout):
+        ax.plot(it[: len(heldout)], np.asarray(heldout), color="tab:orange", lw=1.4,
+                label="held-out angles (stop rule)")
     ax.set_yscale("log")
     ax.set_xlabel("Adam iteration")
     ax.set_ylabel(ylabel, color="tab:blue")

@@ -36,7 +36,7 @@ SETTINGS = {
         "sampler.cg_tol": 1e-3, "sampler.cg_max_iter": 800,
     }),
     "quick": (16, 12, 0.02, {
-        "dip.iterations": 150, "dip.lr": 3e-3, "dip.gamma": 1e-4, "dip.network.scales": 2,
+        "dip.iterations": 2000, "dip.lr": 3e-3, "dip.gamma": 1e-4, "dip.network.scales": 2,
         "dip.network.channels": 8, "dip.network.skip_channels": 2,
         "linearise.diag_probes": 8,
         "posterior.em_rounds": 0,  # as the default preset: g from the fitted weights
