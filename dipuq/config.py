@@ -79,13 +79,16 @@ def option(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None) -> An
 
 @dataclass
 class DataConfig:
-    """Scan preprocessing before reconstruction: angle subsampling, detector crop, binning."""
+    """Scan preprocessing before reconstruction: repeated angles, stripe filter, angle subsampling, crop, binning."""
 
     angles: int = option(0, "keep this many evenly spaced projection angles (0 = all)", ge=0)
     crop_cols: list[int] = option([], "detector column range [start, stop] to keep (parallel beam; [] = all)")
     crop_rows: list[int] = option([], "3D: detector row range [start, stop] to keep ([] = all)")
     vol_xy: int = option(0, "in-plane volume size after cropping (0 = the field of view of the kept columns)", ge=0)
     bin: int = option(1, "bin detector and volume by this factor (1 = no binning)", ge=1)
+    repeated: Literal["mean", "keep"] = option("mean", "projections at the same angle (tilt series): average them into one (mean) or keep every frame (keep: the exact model for independent per-frame noise)")
+    stripe: Literal["none", "mean", "sort"] = option("none", "stripe (ring-artefact) filter of the sinograms before angle subsampling: none, mean (subtract the high-pass of the column mean) or sort (Vo et al.'s sorting-based median filter)")
+    stripe_size: int = option(15, "stripe filter width in detector columns (odd)", ge=3)
 
 
 @dataclass

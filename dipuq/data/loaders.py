@@ -309,7 +309,7 @@ def load_nexus(path: str | os.PathLike, *, entry: str | None = None, data: str |
         n = ds.shape[0]
         parent = dpath.rsplit("/", 1)[0]
         kpath = image_key or _nx_find(
-            f, [p.format(e=e) for p in _NX_KEY] + [f"{parent}/image_key"] + _nx_class_members(f, e, "NXdetector", "image_key"),
+            f, [p.format(e=e) for p in _NX_KEY] + [f"{parent}/image_key"] + _nx_detector_keys(f, e, dpath),
             n, tried)
         keys = np.zeros(n, np.int64) if kpath is None else np.asarray(_nx_get(f, kpath, tried)[()]).astype(np.int64).reshape(-1)
         if len(keys) != n:
@@ -551,8 +551,22 @@ def _nx_signals(f, e: str) -> list[str]:
     return out + [f"{g}/data" for g in _nx_groups(f, e, "NXdetector")]
 
 
-def _nx_class_members(f, e: str, cls: str, member: str) -> list[str]:
-    return [f"{g}/{member}" for g in _nx_groups(f, e, cls)]
+def _nx_link(f, p: str):
+    """(file, path) an external link at ``p`` points to, or ``p`` itself."""
+    parent, name = p.rsplit("/", 1) if "/" in p else ("/", p)
+    try:
+        link = f[parent].get(name, getlink=True)
+    except (KeyError, OSError):
+        return p
+    return (link.filename, link.path) if hasattr(link, "filename") else (getattr(link, "path", p),)
+
+
+def _nx_detector_keys(f, e: str, dpath: str) -> list[str]:
+    """``image_key`` of the entry's NXdetector groups, the one whose ``data`` is the frames' first."""
+    target = _nx_link(f, dpath)
+    groups = _nx_groups(f, e, "NXdetector")
+    same = [g for g in groups if _nx_link(f, f"{g}/data") == target]
+    return [f"{g}/image_key" for g in same + [g for g in groups if g not in same]]
 
 
 def _nx_angle_candidates(f, e: str, data_group: str) -> list[str]:
