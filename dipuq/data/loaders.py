@@ -499,12 +499,18 @@ def _nx_entry(f) -> str:
 
 def _nx_get(f, p: str, tried: list[str]):
     """``f[p]`` or None when missing or behind a broken (external) link; records why in ``tried``."""
+    import h5py
+
     try:
         return f[p]
-    except KeyError:
-        return None
-    except OSError:
-        tried.append(f"{p} (link to a missing file)")
+    except (KeyError, OSError):
+        parent, name = p.rsplit("/", 1) if "/" in p else ("/", p)
+        try:
+            link = f[parent].get(name, getlink=True)
+        except (KeyError, OSError):
+            link = None
+        if isinstance(link, h5py.ExternalLink):
+            tried.append(f"{p} (link to a missing file {link.filename})")
         return None
 
 
