@@ -339,7 +339,8 @@ def test_nexus_splits_image_key_and_reads_angles(tmp_path, external):
 
 
 def test_nexus_errors(tmp_path):
-    _write_nxtomo(tmp_path / "ext.nxs", external=True)
+    th, _, deg = _write_nxtomo(tmp_path / "ext.nxs", external=True)
+    np.testing.assert_allclose(load_nexus(tmp_path / "ext.nxs", angles=deg).angles, th)  # one angle per frame
     with pytest.raises(DataError, match=r"no rotation angles .*rotation_angle \(link to a missing file missing.h5\)"):
         load_nexus(tmp_path / "ext.nxs")
     _write_nxtomo(tmp_path / "na.h5", angles=False)

@@ -281,6 +281,8 @@ def load_nexus(path: str | os.PathLike, *, entry: str | None = None, data: str |
     Parameters
     ----------
     entry : the NXentry to read (default: the first ``NXentry``, else ``entry``)
+    data, image_key, angle_path : paths in the file that override the search
+    angles : angles (in ``angle_units``, default degrees), one per projection or one per frame
     row : one detector row → a 2D scan of that slice (read from the file row-wise); None → 3D
     repeated : ``"mean"`` (merge frames of one angle by averaging) or ``"keep"``; see
         :func:`~dipuq.data.preprocess.merge_repeated_angles`
@@ -311,7 +313,10 @@ def load_nexus(path: str | os.PathLike, *, entry: str | None = None, data: str |
         kpath = image_key or _nx_find(
             f, [p.format(e=e) for p in _NX_KEY] + [f"{parent}/image_key"] + _nx_detector_keys(f, e, dpath),
             n, tried)
-        keys = np.zeros(n, np.int64) if kpath is None else np.asarray(_nx_get(f, kpath, tried)[()]).astype(np.int64).reshape(-1)
+        kds = None if kpath is None else _nx_get(f, kpath, tried)
+        if kpath is not None and kds is None:
+            raise DataError(f"{path}: no image_key dataset at {kpath}")
+        keys = np.zeros(n, np.int64) if kds is None else np.asarray(kds[()]).astype(np.int64).reshape(-1)
         if len(keys) != n:
             raise DataError(f"{path}: {kpath} has {len(keys)} values for {n} frames")
         unknown = sorted(set(np.unique(keys).tolist()) - set(IMAGE_KEYS.values()))
@@ -331,6 +336,8 @@ def load_nexus(path: str | os.PathLike, *, entry: str | None = None, data: str |
             if len(angles) != n:
                 raise DataError(f"{path}: {apath} has {len(angles)} angles for {n} frames")
             angles = angles[keys == 0]
+        elif np.size(angles) == n and n != int(np.sum(keys == 0)):
+            angles = np.asarray(angles, dtype=np.float64).reshape(-1)[keys == 0]  # one per frame given
         src = dict(data=dpath, image_key=kpath, angles=apath)
         sel = (slice(None), slice(row % ds.shape[1], row % ds.shape[1] + 1)) if row is not None else (slice(None),)
         if row is not None and not -ds.shape[1] <= row < ds.shape[1]:
