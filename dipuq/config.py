@@ -80,7 +80,7 @@ def option(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None) -> An
 
 @dataclass
 class DataConfig:
-    """Scan preprocessing before reconstruction: angle subsampling, detector crop, binning."""
+    """Scan preprocessing before reconstruction: repeated angles, stripe filter, angle subsampling, crop, binning."""
 
     angles: int = option(0, "keep this many evenly spaced projection angles (0 = all)", ge=0)
     crop_cols: list[int] = option([], "detector column range [start, stop] to keep (parallel beam; [] = all)")
@@ -89,6 +89,9 @@ class DataConfig:
     bin: int = option(1, "bin detector and volume by this factor (1 = no binning)", ge=1)
     holdout: float = option(0.1, "fraction of the projection angles held out from the fit, interleaved and seed-chosen: the DIP's validation stop, the FBP check and the error-bar calibration are judged on them (0 = none)", ge=0.0, lt=1.0)
     holdout_min: int = option(2, "at least this many held-out angles when data.holdout > 0", ge=1)
+    repeated: Literal["mean", "keep"] = option("mean", "projections at the same angle (tilt series): average them into one (mean) or keep every frame (keep: the exact model for independent per-frame noise)")
+    stripe: Literal["none", "mean", "sort"] = option("none", "stripe (ring-artefact) filter of the sinograms before angle subsampling: none, mean (subtract the high-pass of the column mean) or sort (Vo et al.'s sorting-based median filter)")
+    stripe_size: int = option(15, "stripe filter width in detector columns (odd)", ge=3)
 
 
 @dataclass

@@ -104,9 +104,17 @@ def scan_digest(scan: Scan) -> str:
 
 
 def prepare_scan(scan: Scan, cfg) -> Scan:
-    """Apply the ``[data]`` section: angle subsampling, then detector crop, then binning."""
+    """Apply the ``[data]`` section: merge repeated angles, stripe filter, angle subsampling, crop, binning.
+
+    Each step is the identity at its default (a scan without repeated angles is returned as is).
+    """
     from dipuq.data import preprocess
 
+    scan = preprocess.merge_repeated_angles(scan, cfg.repeated)
+    if cfg.stripe != "none":
+        if cfg.stripe_size % 2 == 0:
+            raise ConfigError(f"data.stripe_size must be odd, got {cfg.stripe_size}")
+        scan = preprocess.remove_stripes(scan, cfg.stripe, cfg.stripe_size)
     if cfg.angles:
         if cfg.angles > scan.geometry.n_angles:
             raise ConfigError(f"data.angles = {cfg.angles} but the scan has only {scan.geometry.n_angles} angles")

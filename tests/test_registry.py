@@ -45,10 +45,21 @@ def test_registry_hashes_match_the_mirror_sums(shared_data):
     assert all("0dad8303fe51a5ea71b977ed664eafe10b540361/test_data/data/image_test/" in f.url
                for f in get("diamond-24737").files)
     assert any(f.url.endswith("image_test/tiffs/raw_00090.tiff") for f in get("diamond-24737").files)
+    # the newer entries: repository + commit of PROVENANCE.md, files under the same relative paths
+    assert [f.url for f in get("psi-wood").files] == [
+        "https://raw.githubusercontent.com/neutronimaging/imagingsuite/6a99fe83d2fb40187589f54a564b5ba0d7a4e1ea"
+        f"/frameworks/tomography/data/woodsino_0200.{ext}" for ext in ("tif", "txt")]
+    assert get("liquidet-n6").files[0].url == (
+        "https://raw.githubusercontent.com/ajinkyakadu/LiquidET_NatComm2024/c03a422e5345df496b64ec29a344a689ee4bbbfd"
+        "/data/N6/N6_liquid_sample_stack.mat")
+    k11 = "https://raw.githubusercontent.com/DiamondLightSource/httomo/f766bda7e856d0bb2cba317f6e99a5dc709ad1be/tests/test_data/k11_diad/"
+    assert [f.url for f in get("diamond-k11").files] == [
+        k11 + rel for rel in ("k11-18014.nxs", "k11-18014/k11-18014-imaging.h5", "k11-18014/k11-18014-pcompPanda.h5")]
+    assert all(f.url.endswith(f.path.split("/", 1)[1]) for f in get("diamond-k11").files)  # links resolve in the cache
 
 
 def test_unknown_dataset():
-    with pytest.raises(DataError, match="unknown dataset 'nope': available: tooth, diamond-24737"):
+    with pytest.raises(DataError, match="unknown dataset 'nope': available: tooth, diamond-24737, psi-wood, liquidet-n6, diamond-k11"):
         fetch("nope")
 
 
@@ -150,6 +161,8 @@ def test_cli_data_list(capsys):
     assert out[0].split() == ["NAME", "KIND", "SIZE", "LICENCE"]
     assert out[1].startswith("tooth ") and "1018.9 KiB" in out[1] and "TomoPy" in out[1]
     assert out[2].startswith("diamond-24737 ") and "3D parallel" in out[2] and "Apache-2.0" in out[2]
+    assert [line.split()[0] for line in out[3:]] == ["psi-wood", "liquidet-n6", "diamond-k11"]
+    assert "NeXus" in out[5] and "limited angle" in out[4] and "GPL-3.0" in out[3]
 
 
 def test_cli_data_info(capsys):
@@ -172,7 +185,7 @@ def test_cli_data_fetch(capsys, shared_data, tmp_path, monkeypatch):
 def test_cli_unknown_name_one_line_error(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == "dipuq: error: unknown dataset 'nope': available: tooth, diamond-24737\n"
+    assert err == "dipuq: error: unknown dataset 'nope': available: tooth, diamond-24737, psi-wood, liquidet-n6, diamond-k11\n"
 
 
 def test_cli_corrupt_download_exit_code(capsys, tmp_path, monkeypatch):
@@ -181,3 +194,23 @@ def test_cli_corrupt_download_exit_code(capsys, tmp_path, monkeypatch):
     assert main(["data", "fetch", "toy", "--cache", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "SHA-256" in err
+
+
+def test_cli_data_info_new_entries(capsys):
+    assert main(["data", "info", "diamond-k11"]) == 0
+    out = capsys.readouterr().out
+    assert "3 file(s)" in out and "image_key" in out and "3001 projections" in out and "gts_theta" in out
+    assert main(["data", "info", "liquidet-n6"]) == 0
+    assert "1-4 frames per tilt" in capsys.readouterr().out
+
+
+def test_nexus_dataset_downloads_with_its_linked_files(tmp_path, http_mirror, monkeypatch):
+    """diamond-k11 fetched over (local) HTTP into a cache: the .nxs finds its external files there."""
+    monkeypatch.delenv("DIPUQ_DATA_MIRROR", raising=False)
+    ds = get("diamond-k11")
+    local = Dataset(**{**ds.__dict__, "files": tuple(DataFile(f.path, f"{http_mirror}/{f.path}", f.sha256)
+                                                     for f in ds.files)})
+    monkeypatch.setitem(DATASETS, "diamond-k11", local)
+    scan = registry.open_dataset("diamond-k11", cache_dir=tmp_path / "cache", row=0)
+    assert (tmp_path / "cache" / "httomo_k11" / "k11-18014" / "k11-18014-imaging.h5").is_file()
+    assert scan.projections.shape == (3001, 26) and scan.meta["dataset"] == "diamond-k11"

@@ -10,6 +10,10 @@
   geometry (``Geometry.cor_offset``, via :func:`cor_offset_for_axis`); data are never resampled.
 - :func:`subsample_angles`: ``n`` evenly spaced projections (the sparse-angle case).
 - :func:`crop` / :func:`bin`: smaller detector and volume with the geometry kept consistent.
+- :func:`merge_repeated_angles`: average the frames taken at the same angle (tilt series often
+  repeat tilts), or keep them all.
+- :func:`remove_stripes`: suppress detector-column stripes in the sinogram (ring artefacts in
+  the reconstruction) by a column-mean or a sorting-based filter.
 
 Example::
 
@@ -29,7 +33,13 @@ from dipuq.errors import DataError
 from dipuq.geometry import Geometry
 
 __all__ = ["line_integrals", "estimate_cor", "axis_column", "cor_offset_for_axis", "subsample_angles", "crop", "bin",
-           "subsample_indices"]
+           "subsample_indices", "merge_repeated_angles", "repeated_angle_groups", "remove_stripes", "REPEATED",
+           "STRIPE_METHODS"]
+
+#: How :func:`merge_repeated_angles` treats frames of one angle.
+REPEATED = ("mean", "keep")
+#: Stripe filters of :func:`remove_stripes` ("none" = leave the sinogram as is).
+STRIPE_METHODS = ("none", "mean", "sort")
 
 
 def line_integrals(counts, flat, dark, *, floor: float = DEFAULT_FLOOR) -> np.ndarray:
@@ -312,3 +322,93 @@ def _block_mean(a: np.ndarray, f: int, axis: int) -> np.ndarray:
     a = np.moveaxis(a, axis, -1)
     a = a.reshape(*a.shape[:-1], a.shape[-1] // f, f).mean(axis=-1, dtype=np.float64)
     return np.moveaxis(a, -1, axis).astype(np.float32)
+
+
+def repeated_angle_groups(angles, atol_deg: float = 1e-3) -> list[np.ndarray]:
+    """Indices of the projections that share an angle (within ``atol_deg``), one array per distinct
+    angle, in order of first acquisition. Angles are compared as given (θ and θ + 360° differ)."""
+    th = np.degrees(np.asarray(angles, dtype=np.float64).reshape(-1))
+    order = np.argsort(th, kind="stable")
+    new = np.concatenate([[True], np.diff(th[order]) > atol_deg])
+    label = np.empty(len(th), np.int64)
+    label[order] = np.cumsum(new) - 1
+    groups = [np.flatnonzero(label == k) for k in range(int(label.max()) + 1 if len(th) else 0)]
+    return sorted(groups, key=lambda g: g[0])
+
+
+def merge_repeated_angles(scan: Scan, how: str = "mean", *, atol_deg: float = 1e-3) -> Scan:
+    """The scan with the projections taken at the same angle merged into one (``how="mean"``) or kept.
+
+    Tilt series repeat tilts (LiquidET's N6: 116 frames at 46 tilts, 1–4 each). ``"mean"``
+    averages each angle's frames (raw counts are averaged and ``-log``-ed again), giving one
+    projection per distinct angle in acquisition order; ``meta["frames_per_angle"]`` records how
+    many frames each holds. ``"keep"`` returns the scan unchanged: the operator ``A`` then has one
+    row block per frame, which is the exact model for independent noise per frame (averaged
+    projections have noise variance σ²/k with k frames; ``noise_std`` is left as the per-frame value).
+    A scan without repeated angles is returned as is.
+    """
+    if how not in REPEATED:
+        raise DataError(f"repeated angles: use one of {', '.join(REPEATED)}, got {how!r}")
+    g = scan.geometry
+    if how == "keep" or g.is_vector:
+        return scan
+    groups = repeated_angle_groups(g.angles, atol_deg)
+    if len(groups) == g.n_angles:
+        return scan
+    th = np.array([g.angles[i].mean() for i in groups])
+    mean = lambda a: np.stack([a[i].mean(axis=0, dtype=np.float64) for i in groups]).astype(np.float32)  # noqa: E731
+    meta = {**scan.meta, "frames_per_angle": [len(i) for i in groups], "repeated": "mean"}
+    g2 = g.replace(angles=th)
+    if scan.has_raw:
+        counts = mean(scan.counts)
+        y = line_integrals(counts, scan.flat, scan.dark, floor=float(scan.meta.get("floor", DEFAULT_FLOOR)))
+        return scan.replace(projections=y, counts=counts, geometry=g2, meta=meta)
+    return scan.replace(projections=mean(scan.projections), geometry=g2, meta=meta)
+
+
+def remove_stripes(scan: Scan, method: str = "mean", size: int = 15) -> Scan:
+    """The scan with vertical stripes of its sinograms suppressed (the cause of ring artefacts).
+
+    A detector pixel whose gain is off by a constant adds the same error to every projection:
+    a stripe along the angle axis of the sinogram, a ring around the rotation axis in the
+    reconstruction. Per sinogram (each detector row in 3D):
+
+    - ``"mean"``: subtract the high-pass part of the column mean, ``m - median_size(m)`` with
+      ``m = mean over angles`` — removes constant offsets, keeps every object feature wider
+      than ``size`` columns (a real object's column mean is smooth; a stripe is not);
+    - ``"sort"``: Vo et al.'s sorting-based filter (Opt. Express 26, 2018): sort each column
+      along the angles, median-filter across ``size`` columns, undo the sort — also handles
+      stripes whose strength varies with intensity;
+    - ``"none"``: unchanged.
+
+    Raw counts / flat / dark are dropped (the filtered line integrals are no longer their
+    ``-log``); ``meta["stripe"]`` records the filter.
+    """
+    from scipy.ndimage import median_filter
+
+    if method not in STRIPE_METHODS:
+        raise DataError(f"stripe filter: use one of {', '.join(STRIPE_METHODS)}, got {method!r}")
+    if method == "none":
+        return scan
+    size = int(size)
+    if size < 3 or size % 2 == 0:
+        raise DataError(f"stripe filter size must be an odd number >= 3, got {size}")
+    p = np.asarray(scan.projections, dtype=np.float64)
+    sino = p[:, None, :] if p.ndim == 2 else p  # shape: (angles, rows, cols)
+    out = np.empty_like(sino)
+    for r in range(sino.shape[1]):
+        s = sino[:, r, :]
+        if method == "mean":
+            m = s.mean(axis=0)
+            out[:, r, :] = s - (m - median_filter(m, size=size, mode="reflect"))[None, :]
+        else:
+            idx = np.argsort(s, axis=0, kind="stable")
+            srt = np.take_along_axis(s, idx, axis=0)
+            filt = median_filter(srt, size=(1, size), mode="reflect")
+            res = np.empty_like(s)
+            np.put_along_axis(res, idx, filt, axis=0)
+            out[:, r, :] = res
+    y = out[:, 0, :] if p.ndim == 2 else out
+    meta = {**scan.meta, "stripe": {"method": method, "size": size}}
+    return Scan(y.astype(np.float32), scan.geometry, reference=scan.reference, noise_std=scan.noise_std,
+                name=scan.name, meta=meta)

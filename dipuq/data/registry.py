@@ -50,7 +50,7 @@ class Dataset:
     """A named real scan: where its files come from, their hashes, licence, geometry and loader.
 
     ``entry`` is the path (relative to the data folder) the loader opens; ``loader`` is
-    ``"hdf5"`` or ``"tiff"`` and ``options`` are its keyword arguments (see
+    ``"hdf5"``, ``"tiff"``, ``"sinogram"``, ``"mat"`` or ``"nexus"`` and ``options`` are its keyword arguments (see
     :mod:`dipuq.data.loaders`); ``facts`` are human-readable geometry facts for ``dipuq data info``.
     """
 
@@ -239,6 +239,99 @@ register(Dataset(
 ))
 
 
+_WOOD_COMMIT = "6a99fe83d2fb40187589f54a564b5ba0d7a4e1ea"
+_WOOD_URL = (f"https://raw.githubusercontent.com/neutronimaging/imagingsuite/{_WOOD_COMMIT}"
+             "/frameworks/tomography/data/")
+
+register(Dataset(
+    name="psi-wood",
+    title="PSI neutron CT of petrified wood, one normalised sinogram (imagingsuite test data)",
+    kind="2D parallel, line integrals over 360° (TIFF sinogram), ring artefacts",
+    entry="psi_wood/woodsino_0200.tif",
+    loader="sinogram",
+    files=(DataFile("psi_wood/woodsino_0200.tif", _WOOD_URL + "woodsino_0200.tif",
+                    "93b356fc8123a4a6767c046d4751debcfb560d1e7fecdbbe99c882c526a78e7f"),
+           DataFile("psi_wood/woodsino_0200.txt", _WOOD_URL + "woodsino_0200.txt",
+                    "92efdb33bd066511702cab3b12e4eef25e4573e1dfe986014382067a7956e621")),
+    size=1442710 + 164,
+    licence="GPL-3.0 (imagingsuite repository licence; no separate data licence)",
+    citation="Kaestner AP. MuhRec - a new tomography reconstructor. Nucl Instr Meth A 651 (2011) 156-160 "
+             "(PSI neutron imaging, proposal P08062)",
+    source=f"https://github.com/neutronimaging/imagingsuite/tree/{_WOOD_COMMIT}/frameworks/tomography/data",
+    facts={
+        "beam": "parallel (neutrons, PSI); one slice: the sinogram is (625 angles, 577 columns) float32",
+        "angles": "625 over 360° in order: arange(625) · 360/625 degrees (step 0.576°)",
+        "values": "already flat/dark corrected and -log-ed: -0.17 … 1.38; no raw counts",
+        "cor": "axis at column 283.7 (0-based pixel centres, estimated; the .txt says 'a decent center is "
+               "at 284 pixels'), 4.3 px left of centre",
+        "rings": "strong stripes: data.stripe = 'sort' (or 'mean') cuts the FBP's ring amplitude 3x (2x)",
+        "sparse": "reference: all 625 angles; sparse case: 40-60 angles; bin by 4 for CPU runs",
+    },
+    options={"arc_deg": 360.0, "cor": 283.725},
+))
+
+_LIQUIDET_COMMIT = "c03a422e5345df496b64ec29a344a689ee4bbbfd"
+
+register(Dataset(
+    name="liquidet-n6",
+    title="Liquid-cell HAADF-STEM tilt series N6, six nanoparticles (LiquidET, Nat Commun 2024)",
+    kind="3D parallel tilt series, limited angle (-46° … +44°), repeated tilts (MATLAB .mat)",
+    entry="liquidet_n6/N6_liquid_sample_stack.mat",
+    loader="mat",
+    files=(DataFile("liquidet_n6/N6_liquid_sample_stack.mat",
+                    f"https://raw.githubusercontent.com/ajinkyakadu/LiquidET_NatComm2024/{_LIQUIDET_COMMIT}"
+                    "/data/N6/N6_liquid_sample_stack.mat",
+                    "e4f65fcd5812f925d2cddc9f795d1f4b054da317268c8717ad1d0cabbbfa84d2"),),
+    size=3593733,
+    licence="GPL-3.0 (the repository's LICENSE file; its README badge says MIT)",
+    citation="Arenas Esteban D, Wang D, Kadu A, et al. Quantitative 3D structural analysis of small colloidal "
+             "assemblies under native conditions by liquid-cell fast electron tomography. Nat Commun 15 (2024)",
+    source=f"https://github.com/ajinkyakadu/LiquidET_NatComm2024/tree/{_LIQUIDET_COMMIT}/data/N6",
+    facts={
+        "beam": "parallel (electron tomography); tilt axis along array axis 0 of stack.data (256, 256, 116): "
+                "row r is slice r's sinogram",
+        "angles": "116 frames at 46 tilts, -46° … +44° in 2° steps, 1-4 frames per tilt; averaged per tilt "
+                  "by default (repeated='mean' / data.repeated; 'keep' keeps all 116)",
+        "values": "HAADF intensity 0 … 0.686, ≈ projected mass: used as line integrals (no -log)",
+        "detector": "256 rows × 256 columns, pixel 0.26 (pix_sz, probably nm; the geometry is in pixels)",
+        "cor": "assumed at the detector centre: no two tilts are 180° apart, so estimate_cor cannot check it",
+        "sparse": "only a ~90° range: no full-angle reference; use held-out tilts for self-consistency",
+    },
+    options={"repeated": "mean"},
+))
+
+_HTTOMO_COMMIT = "f766bda7e856d0bb2cba317f6e99a5dc709ad1be"
+_HTTOMO_URL = f"https://raw.githubusercontent.com/DiamondLightSource/httomo/{_HTTOMO_COMMIT}/tests/test_data/k11_diad/"
+
+register(Dataset(
+    name="diamond-k11",
+    title="Diamond DIAD (K11) raw NeXus scan 18014, tiny crop (httomo test data)",
+    kind="3D parallel, raw counts, NeXus with image_key flats/darks",
+    entry="httomo_k11/k11-18014.nxs",
+    loader="nexus",
+    files=tuple(DataFile(f"httomo_k11/{rel}", _HTTOMO_URL + rel, sha) for rel, sha in (
+        ("k11-18014.nxs", "91c0c8ac337e5bbdc157cf3718f6cc7b2fa527e5213ef87c7c5060fb025ab02a"),
+        ("k11-18014/k11-18014-imaging.h5", "9655a2e74dab03ac08ac4b1eb98aae4c6a345788b4e57d4a52911aa7bb12dcd1"),
+        ("k11-18014/k11-18014-pcompPanda.h5", "f5fc0047e43707f3b6e65f963ca2a4636a3ce0ef5f1815c16284ef1c89b86193"))),
+    size=236121 + 3847296 + 29072,
+    licence="Apache-2.0 / GPL-3.0 (httomo, Diamond Light Source)",
+    citation="httomo: High-throughput tomography pipeline, Diamond Light Source, "
+             "https://github.com/DiamondLightSource/httomo",
+    source=f"https://github.com/DiamondLightSource/httomo/tree/{_HTTOMO_COMMIT}/tests/test_data/k11_diad",
+    facts={
+        "beam": "parallel (synchrotron, DIAD); frames (3201, 22, 26) uint16 in k11-18014-imaging.h5, "
+                "linked from the .nxs",
+        "frames": "image_key (entry/instrument/imaging): 3001 projections (0), 100 flats (1), 100 darks (2), "
+                  "in blocks of 50 before and after the scan",
+        "angles": "entry/imaging/gts_theta_value (in k11-18014-pcompPanda.h5): 90° … 270° in ~0.06° steps",
+        "preprocess": "-log((P - mean dark) / (mean flat - mean dark)), ratio clipped at 1e-3",
+        "cor": "not estimated (axis at the detector centre): the crop shows no object",
+        "use": "tests of NeXus / image_key loading, flat/dark correction and angles, not reconstruction quality",
+    },
+    options={},
+))
+
+
 def get(name: str | Dataset) -> Dataset:
     """The registered dataset called ``name`` (a :class:`Dataset` is returned as is)."""
     if isinstance(name, Dataset):
@@ -330,9 +423,12 @@ def open_dataset(name: str, *, mirror: str | os.PathLike | None = None, cache_di
 
     ``tooth``: 2D parallel, 181 angles, (181, 640) projections, rotation axis at column 295.6.
     ``diamond-24737``: 3D parallel, 91 angles, (91, 135, 160) projections, axis at column 85.8.
+    ``psi-wood``: 2D parallel, 625 angles over 360°, (625, 577) line integrals, axis at column 283.7.
+    ``liquidet-n6``: 3D parallel tilt series, 46 tilts (116 frames averaged), (46, 256, 256).
+    ``diamond-k11``: 3D parallel NeXus, 3001 angles, (3001, 22, 26) after the image_key split.
     ``opts`` override the registry's loader options (e.g. ``row=1`` or ``cor="auto"``).
     """
-    from dipuq.data.loaders import load_hdf5, load_tiff_stack
+    from dipuq.data.loaders import load_hdf5, load_mat, load_nexus, load_sinogram, load_tiff_stack
 
     ds = get(name)
     path = fetch(ds, cache_dir=cache_dir, mirror=mirror)
@@ -340,7 +436,8 @@ def open_dataset(name: str, *, mirror: str | os.PathLike | None = None, cache_di
     if "cor_offset" in opts and "cor" not in opts:
         kw.pop("cor", None)  # an explicit offset replaces the registry's axis column
     kw.setdefault("name", ds.name)
-    loader = {"hdf5": load_hdf5, "tiff": load_tiff_stack}[ds.loader]
+    loader = {"hdf5": load_hdf5, "tiff": load_tiff_stack, "sinogram": load_sinogram, "mat": load_mat,
+              "nexus": load_nexus}[ds.loader]
     scan = loader(path, **kw)
     scan.meta.update(dataset=ds.name, licence=ds.licence, source_url=ds.source)
     return scan

@@ -16,7 +16,10 @@ ASTRA 2D stores image row ``j`` at ``y = -(j - (ny-1)/2)``: its y axis points th
 2D bridge therefore hands ASTRA the *mirror image* of the geometry, all y components of the
 vectors negated; the array then lines up with dipuq's (checked by a single-pixel test in
 ``tests/test_operators.py``). The 3D bridge passes vectors unchanged, and a 2D geometry on the
-GPU is the one-slice 3D geometry with ``v = (0, 0, voxel_size)`` — no flip there.
+GPU is the one-slice 3D geometry with ``v = (0, 0, voxel_size)`` — no flip there. For users the
+consequence is that an image reconstructed by ASTRA's own 2D algorithms is the up–down mirror of
+dipuq's (``dipuq.geometry.from_astra_orientation``; docs/scan-format.md, README, and
+``tests/test_orientation.py``).
 
 ASTRA's 3D projection arrays are ``(rows, angles, cols)``; dipuq's are ``(angles, rows, cols)``.
 """
