@@ -69,6 +69,17 @@ WRAPPER_RATIO = 1.1
 #: geometry (12 floats per view, a few kB) to constant memory on each call; data copies would be ≥ 1.
 HOST_BYTES_FRACTION = 0.01
 
+# What the GPU parts run on and at what size. tests/test_gpu_check.py swaps these for CPU stand-ins
+# (cpu-cone on tiny volumes) to run the parts' own code on a CPU-only machine.
+DEVICE = "cuda"
+BACKEND = "astra-cuda"
+SIZES = {
+    "adjoint_2d": 64, "adjoint_3d": 48,   # dot tests / agreement (cpu-cone builds its matrix on the CPU)
+    "dip": (64, 128, 256), "dip_quick": (64, 128),
+    "sampler": 128,
+    "net": (32, 5),                       # U-Net channels, scales of experiments/cone3d-gpu.toml
+}
+
 
 # --------------------------------------------------------------------------------------------
 # bookkeeping
@@ -215,7 +226,7 @@ def part_gpu_tests(ctx: Ctx) -> None:
 def _adjoint_geometries():
     from dipuq.geometry import Geometry
 
-    n2, n3 = 64, 48
+    n2, n3 = SIZES["adjoint_2d"], SIZES["adjoint_3d"]
     par2 = Geometry.parallel2d(_full(60) / 2, (n2, n2), cor_offset=2.0)
     # the fan of tests/test_operators_gpu.py (48², 80 columns cover the magnified disk)
     fan2 = Geometry.fan2d(_full(60), (48, 48), 80, source_origin=100, origin_detector=50, cor_offset=2.0)
@@ -252,19 +263,20 @@ def part_adjoint(ctx: Ctx) -> None:
         if ctx.left() < 0:
             rows[name] = {"skipped": "time budget spent"}
             continue
-        A = RayTransform(g, backend="astra-cuda")
+        A = RayTransform(g, backend=BACKEND, device=DEVICE)
         err = check_adjoint(A, n_trials=3)
-        row = {"geometry": g.describe(), "dot": err, "bp_scale": A.bp_scale}
+        bp_scale = float(getattr(A, "bp_scale", 1.0))
+        row = {"geometry": g.describe(), "dot": err, "bp_scale": bp_scale}
         ctx.check(f"dot test astra-cuda {name}", err, f"< {DOT_TOL:g}", err < DOT_TOL,
                   "FP ray-driven, BP voxel-driven: adjoint up to interpolation")
-        ctx.check(f"bp_scale astra-cuda {name}", A.bp_scale, "in (0.8, 1.25)", 0.8 < A.bp_scale < 1.25,
+        ctx.check(f"bp_scale astra-cuda {name}", bp_scale, "in (0.8, 1.25)", 0.8 < bp_scale < 1.25,
                   "ASTRA 2.x scales BP as the adjoint; far from 1 means a wrong voxel-size convention")
         semi = tuple(0.3 * s for s in g.vol_shape)
         centre = tuple(0.05 * s for s in g.vol_shape)
         ph = torch.from_numpy(ellipsoid(g.vol_shape, centre, semi)).float()
-        y_gpu = A(ph.cuda())
+        y_gpu = A(ph.to(DEVICE))
         w = torch.rand(g.proj_shape, generator=torch.Generator().manual_seed(1))
-        b_gpu = A.T(w.cuda())
+        b_gpu = A.T(w.to(DEVICE))
         for other in others:
             B = RayTransform(g, backend=other)
             fp = _rel(y_gpu, B(ph))
@@ -277,10 +289,10 @@ def part_adjoint(ctx: Ctx) -> None:
             ctx.check(f"astra-cuda vs {other} BP (noise), {name}", bp, "reported", None,
                       "voxel-driven vs matrix-transpose BP of white noise differ by design")
         rows[name] = row
-        log(f"  {name:<34} dot {err:.2e}  bp_scale {A.bp_scale:.5f}  "
+        log(f"  {name:<34} dot {err:.2e}  bp_scale {bp_scale:.5f}  "
             + "  ".join(f"{k} {v:.2e}" for k, v in row.items() if k.startswith(("fp_", "bp_vs"))))
         del A
-        torch.cuda.empty_cache()
+        reset_peak()
     ctx.results["geometries"] = rows
 
 
@@ -374,15 +386,15 @@ def _dip_case(n: int, ch: int, scales: int, seed: int = 0):
     from dipuq.operators import RayTransform
 
     g = cone(n, n)
-    A = RayTransform(g, backend="astra-cuda")
+    A = RayTransform(g, backend=BACKEND, device=DEVICE)
     gen = torch.Generator().manual_seed(seed)
-    x_true = torch.as_tensor(shepp_logan((n, n, n)), dtype=torch.float32).cuda()
+    x_true = torch.as_tensor(shepp_logan((n, n, n)), dtype=torch.float32).to(DEVICE)
     with torch.no_grad():
         y = A(x_true)
-        y = y + 0.02 * y.abs().mean() * torch.randn(y.shape, generator=gen).cuda()
+        y = y + 0.02 * y.abs().mean() * torch.randn(y.shape, generator=gen).to(DEVICE)
     cfg = DipConfig(iterations=10**6, lr=1e-3, gamma=1e-4,
                     network=NetworkConfig(scales=scales, channels=ch, skip_channels=4))
-    net = UNet.from_config(cfg.network, 3, generator=gen).cuda()
+    net = UNet.from_config(cfg.network, 3, generator=gen).to(DEVICE)
     z = make_input(A, y, cfg, gen)
     return A, y, net, z, cfg, gen
 
@@ -392,7 +404,7 @@ def part_dip_timing(ctx: Ctx) -> None:
     from dipuq.dip import fit_dip
 
     # U-Net of experiments/cone3d-gpu.toml (scales 5, 32 channels, skips 4); cone beam, n views at n³
-    sizes = (64, 128) if ctx.quick else (64, 128, 256)
+    sizes = SIZES["dip_quick"] if ctx.quick else SIZES["dip"]
     k = 5 if ctx.quick else 10
     rows = {}
     for n in sizes:
@@ -401,7 +413,7 @@ def part_dip_timing(ctx: Ctx) -> None:
             continue
         reset_peak()
         try:
-            A, y, net, z, cfg, gen = _dip_case(n, 32, 5)
+            A, y, net, z, cfg, gen = _dip_case(n, *SIZES["net"])
             states = fit_dip(net, A, y, z, cfg, gen)
             t = median_time(lambda: next(states), k, ctx, warmup=3)
             states.close()
@@ -419,7 +431,7 @@ def part_dip_timing(ctx: Ctx) -> None:
             log(f"  DIP {n}³: out of memory")
         finally:
             A = y = net = z = states = None
-            torch.cuda.empty_cache()
+            reset_peak()
     ctx.results["sizes"] = rows
     if any("error" in r for r in rows.values()):
         raise RuntimeError("; ".join(f"{k}: {r['error']}" for k, r in rows.items() if "error" in r))
@@ -431,15 +443,15 @@ def part_sampler_step(ctx: Ctx) -> None:
     from dipuq.posterior import Posterior
     from dipuq.samplers import SamplerConfig, make_sampler
 
-    n = 128
+    n = SIZES["sampler"]
     chains = 4 if ctx.quick else 8
     steps = 5 if ctx.quick else 10
     reset_peak()
     # the net of the 128³ experiment (cone3d-gpu.toml); the step cost does not depend on θ*, so the
     # network is linearised at its initial weights (no DIP fit) and s = 1 (no g-prior probes)
-    A, y, net, z, cfg, gen = _dip_case(n, 32, 5)
+    A, y, net, z, cfg, gen = _dip_case(n, *SIZES["net"])
     model = LinearisedModel(net, z, A, chunk_size=None)
-    post = Posterior(model, A, y, sigma2=float(y.var()) * 1e-3, g=1.0, scale=torch.ones(model.p, device="cuda"))
+    post = Posterior(model, A, y, sigma2=float(y.var()) * 1e-3, g=1.0, scale=torch.ones(model.p, device=DEVICE))
     rows = {"chains_per_batch": chains, "p": model.p, "views": n}
     for method in ("sgd", "cg"):
         if ctx.left() < 0:
@@ -483,6 +495,18 @@ def _diamond_mirror(ctx: Ctx) -> str | None:
                f"nor the cache ({cache_path()}); `dipuq data fetch diamond-24737` downloads it")
 
 
+def diamond_overrides(quick: bool) -> list[str]:
+    """Config of the Diamond run: 128³ = 128 of the 160 detector columns centred on the rotation
+    axis (column 85.8), detector rows 3..131 (128 slices), 23 of 91 angles (the sparse case of
+    experiments/diamond3d.toml); a DIP and sampler budget that fits the check's time."""
+    return ["data.angles=23", "data.crop_cols=[22, 150]", "data.crop_rows=[3, 131]", "data.vol_xy=128",
+            f"dip.iterations={150 if quick else 500}", "dip.network.scales=4", "dip.network.channels=16",
+            "dip.network.skip_channels=4", "linearise.diag_probes=8", "posterior.noise=residual",
+            "posterior.em_rounds=1", "posterior.em_samples=4", "sampler.method=cg",
+            f"sampler.n_samples={8 if quick else 16}", "sampler.chains_per_batch=8",
+            "sampler.cg_tol=1e-3", f"sampler.cg_max_iter={100 if quick else 300}", "output.figures=true"]
+
+
 def part_pipeline_diamond(ctx: Ctx) -> None:
     need_gpu()
     from dipuq.config import load_config
@@ -490,19 +514,11 @@ def part_pipeline_diamond(ctx: Ctx) -> None:
     from dipuq.pipeline import run_pipeline
 
     scan = open_dataset("diamond-24737", mirror=_diamond_mirror(ctx))  # SHA-256 verified
-    # 128³: 128 of the 160 detector columns centred on the rotation axis (column 85.8), detector
-    # rows 3..131 (128 slices), 23 of 91 angles (the sparse case of experiments/diamond3d.toml)
-    iters = 150 if ctx.quick else 500
-    overrides = ["data.angles=23", "data.crop_cols=[22, 150]", "data.crop_rows=[3, 131]", "data.vol_xy=128",
-                 f"dip.iterations={iters}", "dip.network.scales=4", "dip.network.channels=16",
-                 "dip.network.skip_channels=4", "linearise.diag_probes=8", "posterior.noise=residual",
-                 "posterior.em_rounds=1", "posterior.em_samples=4", "sampler.method=cg",
-                 f"sampler.n_samples={8 if ctx.quick else 16}", "sampler.chains_per_batch=8",
-                 "sampler.cg_tol=1e-3", f"sampler.cg_max_iter={100 if ctx.quick else 300}", "output.figures=true"]
+    overrides = diamond_overrides(ctx.quick)
     cfg = load_config(None, overrides)
     reset_peak()
     t0 = time.perf_counter()
-    res = run_pipeline(scan, cfg, ctx.out / "diamond128", seed=0, device="cuda", progress=False, force=True)
+    res = run_pipeline(scan, cfg, ctx.out / "diamond128", seed=0, device=DEVICE, progress=False, force=True)
     total = time.perf_counter() - t0
     prov = json.loads((res.run_dir / "provenance.json").read_text())
     ctx.results.update({"overrides": overrides, "recon_shape": list(res.recon.shape), "stage_s": res.timings,
@@ -704,8 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         report["parts"][name] = part
         report["elapsed_s"] = time.monotonic() - start
         write_reports(out, report)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        reset_peak()
     failed = [k for k, p in report["parts"].items() if p["status"] == "failed"]
     report["status"] = "failed: " + ", ".join(failed) if failed else "ok"
     report["elapsed_s"] = time.monotonic() - start
