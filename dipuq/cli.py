@@ -15,7 +15,7 @@ import sys
 from dipuq import __version__
 from dipuq.errors import DipuqError
 
-COMMANDS = ("reconstruct", "show", "demo", "experiment", "data")
+COMMANDS = ("reconstruct", "show", "demo", "experiment", "data", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"dipuq: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # CUDA out of memory outside the pipeline's stages (e.g. an experiment baseline)
+        from dipuq.devices import is_oom, oom_error
+
+        if args.debug or not is_oom(exc):
+            raise
+        print(f"dipuq: error: {_one_line(oom_error(exc))}", file=sys.stderr)
         return 2
 
 

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from dipuq._io import atomic_path
+from dipuq.devices import check_same_device
 from dipuq.errors import ConfigError, DataError, DipuqError, DivergenceError
 from dipuq.networks import NetworkConfig, UNet
 
@@ -324,6 +325,7 @@ def _check_inputs(net: UNet, A, y: torch.Tensor, x_input: torch.Tensor | None):
     pdt = next(net.parameters()).dtype
     if pdt != A.dtype:
         raise ConfigError(f"network dtype {pdt} differs from the operator dtype {A.dtype}; use net.to({A.dtype})")
+    check_same_device("fit_dip", net=net, A=A)  # y and x_input are moved to A's device below
     if x_input is not None:
         want = (1, getattr(net, "in_ch", 1), *dom)
         xs = tuple(x_input.shape)

@@ -1,6 +1,7 @@
 """User-facing errors: one clear line, no traceback in the CLI (unless --debug)."""
 
-__all__ = ["DipuqError", "GPUUnavailableError", "DataError", "ConfigError", "DivergenceError"]
+__all__ = ["DipuqError", "GPUUnavailableError", "DataError", "ConfigError", "DivergenceError",
+           "GPUOutOfMemoryError"]
 
 
 class DipuqError(ValueError):
@@ -21,3 +22,7 @@ class ConfigError(DipuqError):
 
 class DivergenceError(DipuqError, RuntimeError):
     """An iterative solver diverged (NaN or exploding objective)."""
+
+
+class GPUOutOfMemoryError(DipuqError, RuntimeError):
+    """The GPU ran out of memory; the message names the failed size and the config key that lowers it."""

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 from torch.func import functional_call, jvp, linearize, vjp, vmap
 
+from dipuq.devices import check_same_device
 from dipuq.errors import DipuqError
 
 __all__ = ["LinearisedModel", "conv_param_names"]
@@ -90,6 +91,7 @@ class LinearisedModel:
     ):
         if batching not in ("vmap", "loop"):
             raise DipuqError(f"batching must be 'vmap' or 'loop', got {batching!r}")
+        check_same_device("LinearisedModel", net=net, net_input=net_input, A=A)
         self.net = net.eval()
         self.net_input = net_input
         self.batching, self.chunk_size = batching, chunk_size

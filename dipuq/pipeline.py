@@ -1128,7 +1128,12 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
             continue
         log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {STAGE_TITLES[name]}")
         t0 = time.perf_counter()
-        summary = fn(ctx, getattr(config, section))
+        try:
+            summary = fn(ctx, getattr(config, section))
+        except torch.cuda.OutOfMemoryError as exc:  # one line naming the size and the key that lowers it
+            from dipuq.devices import oom_error
+
+            raise oom_error(exc, stage=name, what=_volume_words(ctx)) from None
         ctx.timings[name] = time.perf_counter() - t0
         if not ctx.is_main:
             continue
@@ -1153,6 +1158,15 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
         total = sum(ctx.timings.get(s, 0.0) for s in todo)
         log(f"dipuq: done in {total:.1f} s -> {run.root}" + ("/report.html" if config.output.report else ""))
     return RunResult(run.root, recon, std, metrics, dict(ctx.timings), resumed)
+
+
+def _volume_words(ctx: RunContext) -> str | None:
+    """'volume 128x128x128, 91 projections' for error messages, if the scan is known."""
+    scan = ctx.values.get("scan", ctx.input_scan)
+    if scan is None:
+        return None
+    g = scan.geometry
+    return f"volume {'x'.join(str(n) for n in g.vol_shape)}, {g.n_angles} projections"
 
 
 def _share_with_ranks(ctx: RunContext, todo) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from dipuq.devices import check_same_device
 from dipuq.errors import DipuqError
 from dipuq.linearise import LinearisedModel
 
@@ -136,6 +137,7 @@ class Posterior:
             raise DipuqError(f"operator domain {A.domain_shape} != model image shape {model.image_shape}")
         if prior_center not in ("zero", "map"):
             raise DipuqError(f"prior_center must be 'zero' or 'map', got {prior_center!r}")
+        check_same_device("Posterior", model=model, A=A)
         self.model, self.A = model, A
         self.m, self.d = A.shape
         self.p = model.p

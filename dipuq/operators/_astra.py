@@ -42,6 +42,7 @@ __all__ = [
     "bp2d",
     "CudaProjector3D",
     "fdk_cuda",
+    "gpu_info",
 ]
 
 log = logging.getLogger("dipuq.operators")
@@ -84,6 +85,15 @@ def require_cuda(what: str = "ASTRA CUDA") -> None:
             f"{what} needs a CUDA GPU with ASTRA's CUDA backend, and none is available here; "
             "use backend='auto', 'astra-cpu' or 'cpu-cone'"
         )
+
+
+def gpu_info(index: int = 0) -> str:
+    """ASTRA's own description of CUDA device ``index`` (name, memory); needs :func:`cuda_available`."""
+    require_cuda("ASTRA GPU info")
+    try:
+        return str(_lib().get_gpu_info(int(index)))
+    except Exception as exc:  # noqa: BLE001 - an informational probe
+        return f"unavailable ({type(exc).__name__}: {exc})"
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import warnings
 import numpy as np
 import torch
 
+from dipuq.devices import same_device
 from dipuq.errors import DipuqError
 from dipuq.geometry import Geometry
 from dipuq.operators import _astra
@@ -149,8 +150,9 @@ class RayTransform(LinearOperator):
                              f"{tuple(want)}, got {tuple(x.shape)}")
         if x.dtype != self.dtype:
             raise DipuqError(f"RayTransform ({self.backend}) expects dtype {self.dtype}, got {x.dtype}")
-        if x.device.type != self.device.type:
-            raise DipuqError(f"RayTransform ({self.backend}) lives on {self.device}, got a tensor on {x.device}")
+        if not same_device(x.device, self.device):
+            raise DipuqError(f"RayTransform ({self.backend}) lives on {self.device}, got a tensor on {x.device}; "
+                             f"move it with x.to({str(self.device)!r}) (or build the operator with device={str(x.device)!r})")
 
     def _raw(self, x, adjoint):
         self._check(x, adjoint)
