@@ -178,8 +178,8 @@ def fit_variance_model(pred: HeldoutPredictive, terms: str = "scale", noise: str
 
     best = None
     for start in (np.array(x0), np.array(x0) + np.r_[1.0, np.zeros(len(x0) - 1)]):
-        res = optimize.minimize(nll, start, method="Nelder-Mead" if len(x0) > 1 else "Powell",
-                                options={"maxiter": 4000, "xatol": 1e-6, "fatol": 1e-10})
+        opts = {"maxiter": 4000, "xatol": 1e-6, "fatol": 1e-10} if len(x0) > 1 else {"maxiter": 4000}
+        res = optimize.minimize(nll, start, method="Nelder-Mead" if len(x0) > 1 else "Powell", options=opts)
         if best is None or res.fun < best.fun:
             best = res
     return unpack(best.x)

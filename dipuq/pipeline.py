@@ -418,9 +418,10 @@ def stage_fbp(ctx: RunContext, cfg) -> dict:
         cover = recon.ray_coverage(A_all).cpu().numpy()
     atomic_save_npy(ctx.path("fbp", "fbp.npy"), x.cpu().numpy())
     atomic_save_npy(ctx.path("fbp", "coverage.npy"), cover.astype(np.float32))
-    norm = float(torch.quantile(x_fit.abs().flatten().double()[:2**24], NORM_QUANTILE))
-    if not (math.isfinite(norm) and norm > 0):
-        norm = float(y_all.abs().max()) or 1.0
+    q = float(torch.quantile(x_fit.abs().flatten().double()[:2**24], NORM_QUANTILE))
+    if not (math.isfinite(q) and q > 0):
+        q = float(y_all.abs().max()) or 1.0
+    norm = q  # scaling y by k scales the FBP and q by k (exactly for powers of two): y / norm is unit-free
     atomic_write_json(ctx.path("fbp", "norm.json"), {"scale": norm, "quantile": NORM_QUANTILE})
     ctx["fbp"], ctx["fbp_fit"], ctx["norm"], ctx["coverage"] = x, x_fit, norm, cover
     return {"backend": A_all.backend, "method": "fdk" if A_all.geometry.beam == "cone" else "fbp", "norm": norm,
