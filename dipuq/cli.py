@@ -77,6 +77,9 @@ def run() -> None:
     output, skipping the interpreter teardown in which native communication threads can abort a
     finished rank (see :func:`dipuq.distributed.made_process_group`).
     """
+    from dipuq import threads
+
+    threads.configure()
     code = main()
     dist_mod = sys.modules.get("dipuq.distributed")
     if dist_mod is not None and dist_mod.made_process_group():

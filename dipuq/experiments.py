@@ -94,13 +94,14 @@ METHODS = {
     "bayes-sgd": "Bayes-DIP (sgd)",
     "bayes-cg": "Bayes-DIP (cg)",
     "bayes-exact": "Bayes-DIP (exact)",
+    "bayes-cal": "Bayes-DIP calibrated (cg)",
     "mcdo": "DIP-MCDO",
     "fixed-sigma": "DIP + fixed σ",
     "oracle-sigma": "DIP + oracle σ",
     "fbp": "FBP/FDK",
     "tv": "TV",
 }
-BAYES = ("bayes-sgd", "bayes-cg", "bayes-exact")
+BAYES = ("bayes-sgd", "bayes-cg", "bayes-exact", "bayes-cal")
 #: Metric keys (result.json / CSV) -> (table header, format, better: "max" | "min" | "one" | None).
 METRICS = {
     "psnr": ("PSNR", "{:.2f}", "max"),
@@ -530,7 +531,11 @@ class _Job:
 
 
 def _bayes_config(spec: ExperimentSpec, method: str) -> Config:
-    cfg = spec.pipeline.replace({"sampler.method": method.split("-", 1)[1], "output.report": False})
+    # bayes-sgd/cg/exact are the raw linearised posterior (calibration off, as before); bayes-cal is
+    # the default pipeline: cg samples, error bars calibrated on the held-out projections
+    sampler, calibrated = ("cg", True) if method == "bayes-cal" else (method.split("-", 1)[1], False)
+    cfg = spec.pipeline.replace({"sampler.method": sampler, "output.report": False,
+                                 "calibration.enabled": calibrated})
     # the CG options drive bayes-cg's sampling and both methods' EM rounds (posterior.em_sampler
     # = "cg" by default), so bayes-sgd and bayes-cg fit g the same way
     return cfg.replace({"sampler.cg_tol": spec.methods.cg_tol, "sampler.cg_max_iter": spec.methods.cg_max_iter})
@@ -594,8 +599,9 @@ def _run_bayes(job: _Job, method: str):
     res = run_pipeline(job.scan, cfg, run, seed=job.seed, device=job.device, progress=bars,
                        log=(lambda m: job.log("    " + m)) if job.progress else (lambda m: None))
     em = json.loads((run / "stages" / "05_posterior" / "em.json").read_text()) if (run / "stages" / "05_posterior" / "em.json").exists() else {}
+    maps_meta = json.loads(np.load(run / "stages" / "08_maps" / "maps.npz")["meta"].item())
     extra = {"g": (em.get("g_trace") or [None])[-1], "sigma2": em.get("sigma2"), "shared_fit": shared,
-             "n_samples": cfg.sampler.n_samples, "run_dir": method}
+             "n_samples": cfg.sampler.n_samples, "run_dir": method, "df": maps_meta.get("df")}
     return res.recon, res.std, _split_times(res.timings), extra
 
 
@@ -664,17 +670,19 @@ def _run_point(job: _Job, method: str):
 
 
 _RUNNERS: dict[str, Callable] = {
-    "bayes-sgd": _run_bayes, "bayes-cg": _run_bayes, "bayes-exact": _run_bayes,
+    "bayes-sgd": _run_bayes, "bayes-cg": _run_bayes, "bayes-exact": _run_bayes, "bayes-cal": _run_bayes,
     "mcdo": _run_mcdo, "fixed-sigma": _run_fixed, "oracle-sigma": _run_fixed, "fbp": _run_point, "tv": _run_point,
 }
 
 
-def method_metrics(reference: np.ndarray, recon: np.ndarray, std: np.ndarray | None) -> dict[str, float]:
-    """PSNR and SSIM of ``recon``; with a ``std`` also the uncertainty metrics (NaN without)."""
+def method_metrics(reference: np.ndarray, recon: np.ndarray, std: np.ndarray | None,
+                   df: float | None = None) -> dict[str, float]:
+    """PSNR and SSIM of ``recon``; with a ``std`` also the uncertainty metrics (NaN without);
+    ``df``: the Student-t interval shape of calibrated maps."""
     from dipuq.metrics import psnr, ssim, uncertainty_metrics
 
     if std is not None:
-        m = uncertainty_metrics(reference, recon, std)
+        m = uncertainty_metrics(reference, recon, std, df=df)
     else:
         m = {"psnr": psnr(recon, reference)}
         if reference.ndim in (2, 3) and min(reference.shape) >= 11:
@@ -858,7 +866,7 @@ def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> Ex
                             atomic_save_npy(mdir / "std.npy", np.asarray(std, dtype=np.float32).reshape(recon.shape))
                     if std is not None:
                         std = np.asarray(std, dtype=np.float32).reshape(recon.shape)
-                    metrics = method_metrics(scan.reference, recon, std)
+                    metrics = method_metrics(scan.reference, recon, std, df=extra.get("df"))
                     row = {"seed": seed, "case": case.name, "method": method, **metrics, **times}
                     _write_json(res_path, {"key": key, "row": row, "extra": extra,
                                            "wall_s": time.perf_counter() - t0, "finished": time.time()})

@@ -460,6 +460,10 @@ def stage_dip(ctx: RunContext, cfg) -> dict:
                 psnr_trace["psnr"].append(psnr(state.recon.cpu(), ref))
 
         callbacks.append(track)
+    if ctx.device.type == "cpu":
+        from dipuq.threads import ThreadGovernor
+
+        callbacks.append(ThreadGovernor(log=ctx.log))
     validation = (ctx["A_H"], ctx["y_H"]) if ctx["split"].has_heldout else None
     result = run_dip(net, A, y, _dip_config(cfg, norm), x_input=x_input, generator=gen,
                      checkpoint=ctx.path("dip", "fit.ckpt"), callbacks=callbacks, progress=ctx.progress,

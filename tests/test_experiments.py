@@ -35,7 +35,7 @@ name = "a10"
 angles = 10
 
 [methods]
-run = ["bayes-sgd", "bayes-cg", "mcdo", "fixed-sigma", "oracle-sigma", "fbp", "tv"]
+run = ["bayes-sgd", "bayes-cg", "bayes-cal", "mcdo", "fixed-sigma", "oracle-sigma", "fbp", "tv"]
 mcdo_samples = 4
 tv_iter = 20
 cg_max_iter = 20
@@ -108,7 +108,7 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     assert main(["experiment", "run", "tiny", "--out", str(out), "--quiet"]) == 0
     # layout: per-seed method folders with markers, tables, figures, provenance
     for seed in (0, 1):
-        for m in ("bayes-sgd", "bayes-cg", "mcdo", "fixed-sigma", "oracle-sigma", "fbp", "tv"):
+        for m in ("bayes-sgd", "bayes-cg", "bayes-cal", "mcdo", "fixed-sigma", "oracle-sigma", "fbp", "tv"):
             assert (out / f"seed{seed}" / "a10" / m / "result.json").is_file(), (seed, m)
     for f in ("table.md", "table.csv", "results.csv", "provenance.json", "experiment.toml",
               "figures/a10_slices.png", "figures/a10_calibration.png"):
@@ -116,8 +116,8 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["seeds"] == 2 and prov["threads"] == 1 and "torch" in prov["versions"]
     table = list(csv.DictReader((out / "table.csv").open()))
-    assert len(table) == 7 and all(r["n_seeds"] == "2" for r in table)
-    assert len(list(csv.DictReader((out / "results.csv").open()))) == 14
+    assert len(table) == 8 and all(r["n_seeds"] == "2" for r in table)
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 16
     md = (out / "table.md").read_text()
     assert "Bayes-DIP (sgd)" in md and "±" in md
     # point estimates carry no uncertainty metrics; fixed sigma has a constant std (Spearman 0)
@@ -130,6 +130,12 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     cg_marker = json.loads((out / "seed0/a10/bayes-cg/stages/03_dip/done.json").read_text())
     assert cg_marker["shared_from"].endswith("bayes-sgd")
     assert json.loads((out / "seed0/a10/bayes-cg/result.json").read_text())["extra"]["shared_fit"] is True
+    # the calibrated row: the same fit, the cg posterior's std calibrated on the held-out angles
+    np.testing.assert_array_equal(sgd, np.load(out / "seed0/a10/bayes-cal/recon.npy"))
+    cal_std = np.load(out / "seed0/a10/bayes-cal/std.npy")
+    np.testing.assert_allclose(np.load(out / "seed0/a10/bayes-cal/std_raw.npy"),
+                               np.load(out / "seed0/a10/bayes-cg/std.npy"), rtol=1e-5)
+    assert not np.allclose(cal_std, np.load(out / "seed0/a10/bayes-cg/std.npy"))
 
     # different seeds differ (noise, initialisation and sampling all depend on the seed)
     assert _metrics(out, 1)["bayes-sgd"]["psnr"] != m0["bayes-sgd"]["psnr"]
@@ -144,15 +150,15 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(experiments._RUNNERS, "mcdo", boom)
     assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1", "--quiet"]) == 130
     done = {p.parent.name: p.stat().st_mtime_ns for p in (inter / "seed0/a10").glob("*/result.json")}
-    assert set(done) == {"bayes-sgd", "bayes-cg"}
+    assert set(done) == {"bayes-sgd", "bayes-cg", "bayes-cal"}
     monkeypatch.setitem(experiments._RUNNERS, "mcdo", real)
     calls = []
-    for name in ("bayes-sgd", "bayes-cg"):
+    for name in ("bayes-sgd", "bayes-cg", "bayes-cal"):
         monkeypatch.setitem(experiments._RUNNERS, name, lambda *a, **k: calls.append(a) or real(*a, **k))
     capsys.readouterr()
     assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1"]) == 0
     err = capsys.readouterr().err
-    assert calls == [] and err.count("done already, skipping") == 2
+    assert calls == [] and err.count("done already, skipping") == 3
     for name, mtime in done.items():
         assert (inter / "seed0/a10" / name / "result.json").stat().st_mtime_ns == mtime
     # the same seed in a fresh folder, interrupted and resumed: identical metrics (bit for bit)

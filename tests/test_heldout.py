@@ -191,3 +191,23 @@ def test_coverage_mask_in_a_truncated_scan():
     assert cover[12, 12] == 1.0 and cover[0, 0] < 1.0 and cover.min() >= 0
     full = ray_coverage(RayTransform(Geometry.parallel2d(np.linspace(0, np.pi, 12, endpoint=False), (24, 24))))
     assert float(full.min()) == 1.0  # the default detector covers the whole square
+
+
+def test_thread_governor_backs_off_when_steps_slow_down():
+    from dipuq.threads import ThreadGovernor
+
+    t = [0.0]
+    gov = ThreadGovernor(window=10, factor=1.8, clock=lambda: t[0])
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for step_s in [0.02] * 30 + [0.1] * 30:  # a neighbour arrives: steps 5x slower
+            t[0] += step_s
+            gov()
+        assert gov.events and gov.events[0][1:3] == (2, 1) and torch.get_num_threads() == 1
+        for _ in range(40):  # slow again at one thread: never below one
+            t[0] += 1.0
+            gov()
+        assert torch.get_num_threads() == 1 and len(gov.events) == 1
+    finally:
+        torch.set_num_threads(n0)

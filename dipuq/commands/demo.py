@@ -23,7 +23,7 @@ examples:
 #: (volume edge, views, noise level as a fraction of the mean projection, config overrides)
 SETTINGS = {
     "default": (24, 20, 0.02, {
-        "dip.iterations": 1500, "dip.lr": 2e-3, "dip.gamma": 1e-4, "dip.network.scales": 3,
+        "dip.iterations": 4000, "dip.lr": 2e-3, "dip.gamma": 1e-4, "dip.network.scales": 3,
         "dip.network.channels": 8, "dip.network.skip_channels": 4,
         "linearise.diag_probes": 32,
         # g = the data-driven mean((θ*/s)²), no EM rounds: on this scan three cg EM rounds from it
