@@ -333,11 +333,11 @@ def loss_curve(
     ax = fig.add_subplot()
     ax.plot(it, np.asarray(loss), color="tab:blue", lw=1.4, label="misfit (fitted angles)")
     if heldout is not None and len(heldout):
-        ax.plot(it[: len(heldout)], np.asarray(heldout), color="tab:orange", lw=1.4,
+        ax.plot(it[: len(heldout)], np.asarray(heldout), color="tab:green", lw=1.4,
                 label="held-out angles (stop rule)")
     ax.set_yscale("log")
     ax.set_xlabel("Adam iteration")
-    ax.set_ylabel(ylabel, color="tab:blue")
+    ax.set_ylabel(ylabel if heldout is None else "data misfit per measurement", color="tab:blue")
     if noise_level is not None and noise_level > 0:
         ax.axhline(noise_level, color="tab:blue", ls=":", lw=1.2, label="noise level σ²")
     if best_iteration is not None and best_iteration >= 0:
@@ -349,7 +349,7 @@ def loss_curve(
         ax2.set_ylabel("PSNR of f(θ) vs reference [dB]", color="tab:orange")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=len(labels), frameon=False)
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=min(3, len(labels)), frameon=False)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=11)
     return fig
