@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -47,6 +48,7 @@ from dipuq.data.scan import Scan
 from dipuq.errors import ConfigError, DipuqError, GPUUnavailableError
 from dipuq.rundir import (
     RunDir,
+    RunLock,
     atomic_path,
     atomic_save_npy,
     atomic_save_tiff,
@@ -309,11 +311,24 @@ _LOADERS: dict[str, Callable[[RunContext], Any]] = {
 def stage_scan(ctx: RunContext, cfg) -> dict:
     """Preprocess the input scan (``[data]``) and checkpoint it as NPZ."""
     scan = prepare_scan(ctx.input_scan, cfg)
+    _check_memory(scan, ctx)
     with atomic_path(ctx.path("scan", "scan.npz")) as tmp:
         scan.save(tmp)
     ctx["scan"] = scan
     g = scan.geometry
     return {"geometry": g.describe(), "projections": list(scan.projections.shape), "reference": scan.reference is not None}
+
+
+def _check_memory(scan: Scan, ctx: RunContext) -> None:
+    """Refuse, before any work, a scan whose ray transform cannot fit in memory (one line)."""
+    from dipuq.memory import check_operator
+    from dipuq.operators.ray import BACKENDS, available_backends
+
+    backend = ctx.config.operator.backend
+    if backend == "auto":
+        ok = [k for k in available_backends(scan.geometry) if ctx.device.type == "cuda" or not BACKENDS[k].requires_cuda]
+        backend = ok[0] if ok else "cpu-cone"
+    check_operator(scan.geometry, backend)
 
 
 def stage_fbp(ctx: RunContext, cfg) -> dict:
@@ -680,7 +695,7 @@ def _check_same_request(run: RunDir, request: dict, config: Config) -> None:
     if old is None:
         if run.finished_stages() or run.path(CONFIG_FILE).exists():
             raise DipuqError(f"{run.root} holds a dipuq run without a readable request; rerun with --force to start over")
-        if run.root.is_dir() and any(run.root.iterdir()):
+        if run.exists():
             raise DipuqError(f"{run.root} is not empty and is not a dipuq run directory; choose another --out")
         return
     if old == request:
@@ -755,7 +770,12 @@ def run_pipeline(
             progress, log = False, (lambda msg: None)
         if dist.is_distributed:
             device = dist.device
-        return _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force, log, dist)
+        lock = RunLock(run_dir) if dist.is_main else contextlib.nullcontext()
+        with lock:  # one run per directory: a second process fails at once, naming this PID
+            if getattr(lock, "stale_pid", None) is not None and progress:
+                print(f"dipuq: taking over the stale lock of PID {lock.stale_pid} (no longer running) on {run_dir}",
+                      file=sys.stderr, flush=True)
+            return _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force, log, dist)
 
 
 # Stages every rank runs under torchrun; the others run on rank 0 only (samples are sharded).
@@ -790,7 +810,7 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
         run.create()
         atomic_write_text(run.path(CONFIG_FILE), dumps_config(config))
         atomic_write_json(run.path("stages", REQUEST_FILE), request)
-        return [s for s in STAGES if run.is_done(s, key)]
+        return run.trusted_prefix([s for s in STAGES if run.is_done(s, key)], log)  # checksums verified
 
     done = dist.on_main(prepare_run_dir)  # only rank 0 touches the run directory
     ctx = RunContext(run, config, seed, dev, progress, input_scan=scan, log=log, dist=dist)
@@ -825,11 +845,13 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
             continue
         log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {STAGE_TITLES[name]}")
         t0 = time.perf_counter()
+        before = run.snapshot() if ctx.is_main else None
         summary = fn(ctx, getattr(config, section))
         ctx.timings[name] = time.perf_counter() - t0
         if not ctx.is_main:
             continue
-        run.mark_done(name, key, seconds=ctx.timings[name], summary=to_jsonable(summary or {}))
+        run.mark_done(name, key, before=before, exclude=_CLEANUP.get(name, ()), seconds=ctx.timings[name],
+                      summary=to_jsonable(summary or {}))
         for leftover in _CLEANUP.get(name, ()):  # resume-within-stage files, obsolete once the stage is done
             run.stage_dir(name).joinpath(leftover).unlink(missing_ok=True)
         if "A" in ctx.values:
@@ -840,8 +862,10 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
     if not ctx.is_main:
         return None
     if backend_used is None:
-        old = run.path("provenance.json")
-        backend_used = json.loads(old.read_text()).get("backend") if old.exists() else config.operator.backend
+        try:
+            backend_used = json.loads(run.path("provenance.json").read_text()).get("backend")
+        except (OSError, ValueError, AttributeError):
+            backend_used = config.operator.backend
     atomic_write_json(run.path("provenance.json"), _provenance(ctx, backend_used, "complete", started, resumed))
     recon = np.load(run.path("recon.npy"))
     std = np.load(run.path("std.npy"))
