@@ -311,7 +311,7 @@ _LOADERS: dict[str, Callable[[RunContext], Any]] = {
 def stage_scan(ctx: RunContext, cfg) -> dict:
     """Preprocess the input scan (``[data]``) and checkpoint it as NPZ."""
     scan = prepare_scan(ctx.input_scan, cfg)
-    _check_memory(scan, ctx)
+    _check_memory(scan, ctx.config.operator.backend, ctx.device)
     with atomic_path(ctx.path("scan", "scan.npz")) as tmp:
         scan.save(tmp)
     ctx["scan"] = scan
@@ -319,14 +319,13 @@ def stage_scan(ctx: RunContext, cfg) -> dict:
     return {"geometry": g.describe(), "projections": list(scan.projections.shape), "reference": scan.reference is not None}
 
 
-def _check_memory(scan: Scan, ctx: RunContext) -> None:
+def _check_memory(scan: Scan, backend: str, device: torch.device) -> None:
     """Refuse, before any work, a scan whose ray transform cannot fit in memory (one line)."""
     from dipuq.memory import check_operator
     from dipuq.operators.ray import BACKENDS, available_backends
 
-    backend = ctx.config.operator.backend
     if backend == "auto":
-        ok = [k for k in available_backends(scan.geometry) if ctx.device.type == "cuda" or not BACKENDS[k].requires_cuda]
+        ok = [k for k in available_backends(scan.geometry) if device.type == "cuda" or not BACKENDS[k].requires_cuda]
         backend = ok[0] if ok else "cpu-cone"
     check_operator(scan.geometry, backend)
 
@@ -799,6 +798,9 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
     run = RunDir(run_dir, STAGES)
     if run.root.exists() and not run.root.is_dir():
         raise DipuqError(f"--out {run.root} exists and is not a folder")
+    d = config.data
+    if not (d.angles or d.crop_cols or d.crop_rows or d.vol_xy or d.bin > 1):  # else checked after preprocessing
+        _check_memory(scan, config.operator.backend, dev)
     request = _request(scan, config, seed)
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -810,7 +812,8 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
         run.create()
         atomic_write_text(run.path(CONFIG_FILE), dumps_config(config))
         atomic_write_json(run.path("stages", REQUEST_FILE), request)
-        return run.trusted_prefix([s for s in STAGES if run.is_done(s, key)], log)  # checksums verified
+        warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - damage is reported even with --quiet
+        return run.trusted_prefix([s for s in STAGES if run.is_done(s, key)], warn)  # checksums verified
 
     done = dist.on_main(prepare_run_dir)  # only rank 0 touches the run directory
     ctx = RunContext(run, config, seed, dev, progress, input_scan=scan, log=log, dist=dist)
