@@ -685,8 +685,25 @@ def _request(scan: Scan, config: Config, seed: int) -> dict:
     return {"scan": scan_digest(scan), "scan_name": scan.name, "seed": int(seed), "config": config_digest(config_to_dict(config))}
 
 
-def _check_same_request(run: RunDir, request: dict, config: Config) -> None:
-    """Raise a one-line ConfigError if ``run`` holds a different request."""
+#: config sections a stage reads besides its own (EM runs the sampler)
+_ALSO_READS = {"posterior": ("sampler",)}
+
+
+def _first_stage_reading(sections: set[str]) -> str:
+    """The earliest stage whose result depends on any of ``sections`` (unknown ones: the first)."""
+    for s in STAGES:
+        if {STAGE_FUNCS[s][1], *_ALSO_READS.get(s, ())} & sections:
+            return s
+    return STAGES[0]
+
+
+def _check_same_request(run: RunDir, request: dict, config: Config) -> list[str]:
+    """Raise a one-line ConfigError if ``run`` holds a different request.
+
+    A config change that only affects stages which never finished (a failed or interrupted run
+    rerun with a corrected config) is accepted: the finished stages before the first affected
+    one are returned, to be carried over under the new request.
+    """
     try:
         old = json.loads(run.path("stages", REQUEST_FILE).read_text())
     except (OSError, ValueError):
@@ -696,9 +713,19 @@ def _check_same_request(run: RunDir, request: dict, config: Config) -> None:
             raise DipuqError(f"{run.root} holds a dipuq run without a readable request; rerun with --force to start over")
         if run.exists():
             raise DipuqError(f"{run.root} is not empty and is not a dipuq run directory; choose another --out")
-        return
+        return []
     if old == request:
-        return
+        return []
+    if {k: v for k, v in old.items() if k != "config"} == {k: v for k, v in request.items() if k != "config"}:
+        try:
+            diff = diff_configs(load_config(run.path(CONFIG_FILE)), config)
+        except DipuqError:
+            diff = None
+        if diff:
+            first = _first_stage_reading({line.split(".", 1)[0].split(":", 1)[0] for line in diff})
+            finished = run.finished_stages()
+            if all(STAGES.index(s) < STAGES.index(first) for s in finished):
+                return finished  # only never-finished stages see the change
     why = []
     if old.get("scan") != request["scan"]:
         why.append(f"a different scan ({old.get('scan_name') or old.get('scan')})")
@@ -805,11 +832,14 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
     def prepare_run_dir():
+        carried = []
         if force:
             run.clear()
         else:
-            _check_same_request(run, request, config)
+            carried = _check_same_request(run, request, config)
         run.create()
+        for s in carried:  # finished stages the config change does not touch keep their results
+            run.rekey(s, key)
         atomic_write_text(run.path(CONFIG_FILE), dumps_config(config))
         atomic_write_json(run.path("stages", REQUEST_FILE), request)
         warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - damage is reported even with --quiet

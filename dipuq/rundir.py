@@ -208,6 +208,12 @@ class RunDir:
         atomic_write_json(self.stage_path(stage, self.MARKER),
                           {"stage": stage, "key": key, "finished": time.time(), **info, "files": files})
 
+    def rekey(self, stage: str, key: str) -> None:
+        """Carry a finished stage over to a new request ``key`` (its files and checksums unchanged)."""
+        m = self.marker(stage)
+        if m is not None:
+            atomic_write_json(self.stage_path(stage, self.MARKER), {**m, "key": key})
+
     def snapshot(self) -> dict[str, tuple[int, int, int]]:
         """(mtime, size, inode) of the top-level outputs (everything outside ``stages/`` but the
         files rewritten on every run), to tell which of them a stage writes."""

@@ -251,3 +251,34 @@ def test_fuzz_exhaustive(how, finished, scan_path, tmp_path, capsys):
         case = tmp_path / f"case{i}"
         case.mkdir()
         _rerun_and_check(finished, scan_path, case, capsys, rel, how)
+
+
+def test_failed_run_rerun_with_corrected_config(scan_path, tmp_path, monkeypatch, capsys):
+    """A run that failed in the maps stage reruns with a corrected [output] config without
+    --force, reusing the finished stages; a change to a finished stage's section is still refused."""
+    from dipuq import pipeline
+
+    run = tmp_path / "run"
+
+    def fail(ctx, section):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCS, "maps", (fail, "output"))
+    assert main(_argv(scan_path, run)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(_argv(scan_path, run, "--set", "dip.iterations=21")) == 2  # dip finished: refused
+    _one_line_error(capsys, "dip.iterations: 20 -> 21", "--force")
+
+    def boom(*a, **kw):
+        raise AssertionError("a finished stage was recomputed")
+
+    import dipuq.dip
+    from dipuq import samplers
+
+    monkeypatch.setattr(dipuq.dip, "run_dip", boom)
+    monkeypatch.setattr(samplers.Sampler, "sample", boom)
+    assert main(_argv(scan_path, run, "--set", "output.tiff=false")) == 0
+    assert (run / "std.npy").is_file() and not (run / "std.tif").exists()
+    assert np.isfinite(np.load(run / "std.npy")).all()
+    assert "tiff = false" in (run / "config.toml").read_text()
