@@ -282,3 +282,32 @@ def test_failed_run_rerun_with_corrected_config(scan_path, tmp_path, monkeypatch
     assert (run / "std.npy").is_file() and not (run / "std.tif").exists()
     assert np.isfinite(np.load(run / "std.npy")).all()
     assert "tiff = false" in (run / "config.toml").read_text()
+
+
+def test_memory_guard_in_samplers(monkeypatch):
+    """Dense oracles, Nyström sketches and vmap batches are refused in one line when they cannot fit."""
+    from dipuq.linearise import LinearisedModel
+    from dipuq.memory import MemoryGuardError
+    from dipuq.networks import UNet
+    from dipuq.operators import RayTransform
+    from dipuq.posterior import Posterior
+    from dipuq.samplers import SamplerConfig, make_sampler
+
+    g = Geometry.parallel2d(np.linspace(0, np.pi, 6, endpoint=False), (8, 8))
+    A = RayTransform(g, backend="astra-cpu")
+    gen = torch.Generator().manual_seed(0)
+    from dipuq.config import load_config
+
+    cfg = load_config(None, ["dip.network.scales=2", "dip.network.channels=2", "dip.network.skip_channels=1"])
+    net = UNet.from_config(cfg.dip.network, ndim=2, generator=gen)
+    model = LinearisedModel(net, torch.randn(1, 1, 8, 8, generator=gen), A)
+    y = A(torch.randn(1, 1, 8, 8, generator=gen))
+    post = Posterior(model, A, y, sigma2=0.01, g=1.0, scale=torch.ones(model.p))
+    monkeypatch.setenv("DIPUQ_MEMORY_LIMIT", "1K")
+    exact, sgd, cg = (make_sampler(m, SamplerConfig(n_steps=2)) for m in ("exact", "sgd", "cg"))
+    for call, key in ((lambda: exact.dense(post), "max_dense"), (lambda: sgd.sample(post, 2, seed=0), "chains_per_batch"),
+                      (lambda: cg.nystrom(post), "precond_rank")):
+        with pytest.raises(MemoryGuardError, match=key):
+            call()
+    monkeypatch.delenv("DIPUQ_MEMORY_LIMIT")
+    assert exact.dense(post)[0].shape == (64, model.p)  # fits without the cap
