@@ -446,7 +446,12 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("sampler")))
     partial = ctx.path("sampler", "partial.pt")
     moments, history, done = Moments(post.model.image_shape, device=ctx.device), [], 0
-    st = _torch_load(partial) if ctx.is_main and partial.exists() else None
+    try:
+        st = _torch_load(partial) if ctx.is_main and partial.exists() else None
+    except DipuqError:  # a damaged in-stage checkpoint costs the batches it held, nothing else
+        print(f"dipuq: {partial} is unreadable (truncated or corrupt); sampling from the first chain again",
+              file=sys.stderr, flush=True)
+        st = None
     if ctx.dist is not None and ctx.dist.is_distributed:
         st = ctx.dist.broadcast_object(st)  # every rank continues from rank 0's checkpoint
     if st is not None:  # chains are a pure function of (seed, chain): continue where we stopped
