@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dipuq: interrupted (completed stages are kept; rerun the same command to resume)", file=sys.stderr)
         return 130
-    except (DipuqError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+    except _USER_ERRORS as exc:
         if args.debug:
             raise
         print(f"dipuq: error: {_one_line(exc)}", file=sys.stderr)
@@ -63,10 +63,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can act on: bad input, and files (theirs or a checkpoint) that cannot be
+    read — OS errors, truncated zip/NPZ/pickle streams, HDF5/TIFF errors (OSError subclasses) and
+    running out of memory. Anything else is a bug and keeps its traceback."""
+    import pickle
+    import zipfile
+    import zlib
+
+    return (DipuqError, OSError, EOFError, MemoryError, zipfile.BadZipFile, pickle.UnpicklingError, zlib.error)
+
+
+_USER_ERRORS = _user_errors()
+
+
 def _one_line(exc: BaseException) -> str:
     msg = str(exc) or type(exc).__name__
-    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)) and exc.filename:
+    if isinstance(exc, OSError) and exc.filename:
         msg = f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    elif isinstance(exc, MemoryError) and not isinstance(exc, DipuqError):
+        msg = f"out of memory ({msg}); reduce the problem size (data.bin, data.vol_xy, sampler.chains_per_batch)"
+    elif not isinstance(exc, DipuqError):
+        msg = f"cannot read a file: {type(exc).__name__}: {msg} (truncated or corrupt?)"
     return " ".join(msg.split())
 
 

@@ -558,8 +558,8 @@ def _share_fit(job: _Job, src: Path, dst: Path, cfg: Config) -> bool:
         return False
     srun, drun = RunDir(src, pipeline.STAGES), RunDir(dst, pipeline.STAGES)
     markers = [srun.marker(s) for s in SHARED_STAGES]
-    if any(m is None for m in markers):
-        return False
+    if any(m is None for m in markers) or any(srun.verify(s) is not None for s in SHARED_STAGES):
+        return False  # unfinished, or its files fail their checksums: compute afresh
     request = pipeline._request(job.scan, cfg, job.seed)
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
     drun.create()

@@ -262,6 +262,47 @@ class Geometry:
     def __hash__(self):
         return hash(repr(sorted((k, repr(v)) for k, v in self.to_dict().items())))
 
+    def angles_missing_volume(self) -> np.ndarray:
+        """Indices of angles at which no detector ray passes through the volume (should be empty).
+
+        A ray hits when its distance from the origin is below the radius of the volume's bounding
+        sphere (circle in 2D). Rays are tested for every column on the first, middle and last
+        detector rows and every row on the middle column, which is enough to catch a centre of
+        rotation or detector shifted off the object (``cor_offset = 1e6``) before any work.
+        """
+        vec = self.to_vectors()
+        nd = self.ndim
+        r, d, u = vec[:, :nd], vec[:, nd:2 * nd], vec[:, 2 * nd:3 * nd]
+        radius = self.voxel_size * math.sqrt(sum(n * n for n in self.vol_shape)) / 2
+
+        def picks(n: int, spacing: float) -> np.ndarray:
+            # evenly spaced detector positions (ends included) closer than the volume's radius
+            k = min(n, max(65, 2 * int(math.ceil(n * spacing / radius)) + 1))
+            return np.unique(np.round(np.linspace(0, n - 1, k))) - (n - 1) / 2
+
+        cols = self.det_shape[-1]
+        c = picks(cols, float(np.linalg.norm(u[0])) if len(u) else 1.0)
+        if nd == 2:
+            pix = d[:, None, :] + c[None, :, None] * u[:, None, :]  # shape: (angles, cols, 2)
+        else:
+            v = vec[:, 9:12]
+            rr = picks(self.det_shape[0], float(np.linalg.norm(v[0])))
+            mid_r, mid_c = rr[np.argmin(np.abs(rr))], c[np.argmin(np.abs(c))]
+            grid = [(rr[[0, len(rr) // 2, -1]][:, None], c[None, :]), (rr[:, None], np.array([[mid_c]])),
+                    (np.array([[mid_r]]), c[None, :])]
+            pix = np.concatenate([
+                (d[:, None, None, :] + a[None, :, :, None] * v[:, None, None, :] + b[None, :, :, None] * u[:, None, None, :]
+                 ).reshape(len(vec), -1, 3) for a, b in (np.broadcast_arrays(*p) for p in grid)], axis=1)
+        if self.beam == "parallel":
+            start, direction = pix, np.broadcast_to(r[:, None, :], pix.shape)
+        else:
+            start, direction = np.broadcast_to(r[:, None, :], pix.shape), pix - r[:, None, :]
+        norm = np.linalg.norm(direction, axis=-1, keepdims=True)
+        direction = direction / np.where(norm > 0, norm, 1.0)
+        closest = start - np.sum(start * direction, axis=-1, keepdims=True) * direction
+        dist = np.linalg.norm(closest, axis=-1)  # shape: (angles, rays)
+        return np.flatnonzero(~np.any(dist <= radius, axis=1))
+
     def describe(self) -> str:
         kind = {"parallel": f"{self.ndim}D parallel", "fan": "2D fan", "cone": "3D cone"}[self.beam]
         vec = " (vector)" if self.is_vector else ""

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -49,6 +50,7 @@ from dipuq.data.scan import Scan
 from dipuq.errors import ConfigError, DipuqError, GPUUnavailableError
 from dipuq.rundir import (
     RunDir,
+    RunLock,
     atomic_path,
     atomic_save_npy,
     atomic_save_tiff,
@@ -385,6 +387,7 @@ def stage_scan(ctx: RunContext, cfg) -> dict:
     from dipuq.data.split import ProjectionSplit
 
     scan = prepare_scan(ctx.input_scan, cfg)
+    _check_memory(scan, ctx.config.operator.backend, ctx.device)
     split = ProjectionSplit.choose(scan.angles, cfg.holdout, cfg.holdout_min, generator=ctx.gen("scan"))
     with atomic_path(ctx.path("scan", "scan.npz")) as tmp:
         scan.save(tmp)
@@ -398,6 +401,17 @@ def stage_scan(ctx: RunContext, cfg) -> dict:
 #: The scan's scale (``norm``) is this quantile of |FBP of the fitted angles|: a robust "typical
 #: bright voxel", so that every later stage works on an image of order one whatever the data's units.
 NORM_QUANTILE = 0.995
+
+
+def _check_memory(scan: Scan, backend: str, device: torch.device) -> None:
+    """Refuse, before any work, a scan whose ray transform cannot fit in memory (one line)."""
+    from dipuq.memory import check_operator
+    from dipuq.operators.ray import BACKENDS, available_backends
+
+    if backend == "auto":
+        ok = [k for k in available_backends(scan.geometry) if device.type == "cuda" or not BACKENDS[k].requires_cuda]
+        backend = ok[0] if ok else "cpu-cone"
+    check_operator(scan.geometry, backend)
 
 
 def stage_fbp(ctx: RunContext, cfg) -> dict:
@@ -616,7 +630,12 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
     partial = ctx.path("sampler", "partial.pt")
     moments, history, done = Moments(post.model.image_shape, device=ctx.device), [], 0
     extra = _extra_accumulators(ctx, post)
-    st = _torch_load(partial) if ctx.is_main and partial.exists() else None
+    try:
+        st = _torch_load(partial) if ctx.is_main and partial.exists() else None
+    except DipuqError:  # a damaged in-stage checkpoint costs the batches it held, nothing else
+        print(f"dipuq: {partial} is unreadable (truncated or corrupt); sampling from the first chain again",
+              file=sys.stderr, flush=True)
+        st = None
     if ctx.dist is not None and ctx.dist.is_distributed:
         st = ctx.dist.broadcast_object(st)  # every rank continues from rank 0's checkpoint
     if st is not None and st.get("seed") == seed and set(st.get("extra", {})) == set(extra):
@@ -979,8 +998,25 @@ def _request(scan: Scan, config: Config, seed: int) -> dict:
     return {"scan": scan_digest(scan), "scan_name": scan.name, "seed": int(seed), "config": config_digest(config_to_dict(config))}
 
 
-def _check_same_request(run: RunDir, request: dict, config: Config) -> None:
-    """Raise a one-line ConfigError if ``run`` holds a different request."""
+#: config sections a stage reads besides its own (EM runs the sampler)
+_ALSO_READS = {"posterior": ("sampler",)}
+
+
+def _first_stage_reading(sections: set[str]) -> str:
+    """The earliest stage whose result depends on any of ``sections`` (unknown ones: the first)."""
+    for s in STAGES:
+        if {STAGE_FUNCS[s][1], *_ALSO_READS.get(s, ())} & sections:
+            return s
+    return STAGES[0]
+
+
+def _check_same_request(run: RunDir, request: dict, config: Config) -> list[str]:
+    """Raise a one-line ConfigError if ``run`` holds a different request.
+
+    A config change that only affects stages which never finished (a failed or interrupted run
+    rerun with a corrected config) is accepted: the finished stages before the first affected
+    one are returned, to be carried over under the new request.
+    """
     try:
         old = json.loads(run.path("stages", REQUEST_FILE).read_text())
     except (OSError, ValueError):
@@ -988,11 +1024,21 @@ def _check_same_request(run: RunDir, request: dict, config: Config) -> None:
     if old is None:
         if run.finished_stages() or run.path(CONFIG_FILE).exists():
             raise DipuqError(f"{run.root} holds a dipuq run without a readable request; rerun with --force to start over")
-        if run.root.is_dir() and any(run.root.iterdir()):
+        if run.exists():
             raise DipuqError(f"{run.root} is not empty and is not a dipuq run directory; choose another --out")
-        return
+        return []
     if old == request:
-        return
+        return []
+    if {k: v for k, v in old.items() if k != "config"} == {k: v for k, v in request.items() if k != "config"}:
+        try:
+            diff = diff_configs(load_config(run.path(CONFIG_FILE)), config)
+        except DipuqError:
+            diff = None
+        if diff:
+            first = _first_stage_reading({line.split(".", 1)[0].split(":", 1)[0] for line in diff})
+            finished = run.finished_stages()
+            if all(STAGES.index(s) < STAGES.index(first) for s in finished):
+                return finished  # only never-finished stages see the change
     why = []
     if old.get("scan") != request["scan"]:
         why.append(f"a different scan ({old.get('scan_name') or old.get('scan')})")
@@ -1063,7 +1109,12 @@ def run_pipeline(
             progress, log = False, (lambda msg: None)
         if dist.is_distributed:
             device = dist.device
-        return _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force, log, dist)
+        lock = RunLock(run_dir) if dist.is_main else contextlib.nullcontext()
+        with lock:  # one run per directory: a second process fails at once, naming this PID
+            if getattr(lock, "stale_pid", None) is not None and progress:
+                print(f"dipuq: taking over the stale lock of PID {lock.stale_pid} (no longer running) on {run_dir}",
+                      file=sys.stderr, flush=True)
+            return _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force, log, dist)
 
 
 # Stages every rank runs under torchrun; the others run on rank 0 only (samples are sharded).
@@ -1087,18 +1138,25 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
     run = RunDir(run_dir, STAGES)
     if run.root.exists() and not run.root.is_dir():
         raise DipuqError(f"--out {run.root} exists and is not a folder")
+    d = config.data
+    if not (d.angles or d.crop_cols or d.crop_rows or d.vol_xy or d.bin > 1):  # else checked after preprocessing
+        _check_memory(scan, config.operator.backend, dev)
     request = _request(scan, config, seed)
     key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
 
     def prepare_run_dir():
+        carried = []
         if force:
             run.clear()
         else:
-            _check_same_request(run, request, config)
+            carried = _check_same_request(run, request, config)
         run.create()
+        for s in carried:  # finished stages the config change does not touch keep their results
+            run.rekey(s, key)
         atomic_write_text(run.path(CONFIG_FILE), dumps_config(config))
         atomic_write_json(run.path("stages", REQUEST_FILE), request)
-        return [s for s in STAGES if run.is_done(s, key)]
+        warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - damage is reported even with --quiet
+        return run.trusted_prefix([s for s in STAGES if run.is_done(s, key)], warn)  # checksums verified
 
     done = dist.on_main(prepare_run_dir)  # only rank 0 touches the run directory
     ctx = RunContext(run, config, seed, dev, progress, input_scan=scan, log=log, dist=dist)
@@ -1133,6 +1191,7 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
             continue
         log(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {STAGE_TITLES[name]}")
         t0 = time.perf_counter()
+        before = run.snapshot() if ctx.is_main else None
         try:
             summary = fn(ctx, getattr(config, section))
         except torch.cuda.OutOfMemoryError as exc:  # one line naming the size and the key that lowers it
@@ -1142,7 +1201,8 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
         ctx.timings[name] = time.perf_counter() - t0
         if not ctx.is_main:
             continue
-        run.mark_done(name, key, seconds=ctx.timings[name], summary=to_jsonable(summary or {}))
+        run.mark_done(name, key, before=before, exclude=_CLEANUP.get(name, ()), seconds=ctx.timings[name],
+                      summary=to_jsonable(summary or {}))
         for leftover in _CLEANUP.get(name, ()):  # resume-within-stage files, obsolete once the stage is done
             run.stage_dir(name).joinpath(leftover).unlink(missing_ok=True)
         if "A" in ctx.values:
@@ -1153,8 +1213,10 @@ def _run_pipeline(scan, config, run_dir, seed, device, backend, progress, force,
     if not ctx.is_main:
         return None
     if backend_used is None:
-        old = run.path("provenance.json")
-        backend_used = json.loads(old.read_text()).get("backend") if old.exists() else config.operator.backend
+        try:
+            backend_used = json.loads(run.path("provenance.json").read_text()).get("backend")
+        except (OSError, ValueError, AttributeError):
+            backend_used = config.operator.backend
     atomic_write_json(run.path("provenance.json"), _provenance(ctx, backend_used, "complete", started, resumed))
     recon = np.load(run.path("recon.npy"))
     std = np.load(run.path("std.npy"))

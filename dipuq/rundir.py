@@ -19,6 +19,17 @@ stage is trusted on resume only when its ``done.json`` exists and records the sa
 digest of everything the stage depends on); the marker is removed before a stage reruns, and the
 stage's files are written before the marker.
 
+Nothing in a run directory is trusted on its name alone:
+
+- every stage's ``done.json`` records the SHA-256 of each file the stage wrote (its checkpoint
+  files and the top-level outputs it produced, e.g. ``std.npy``); :meth:`RunDir.trusted_prefix`
+  verifies them before a resume reads anything, and a missing, truncated or modified file makes
+  that stage and every later one recompute (saying so);
+- :class:`RunLock` holds an exclusive ``flock`` on ``RUN/.dipuq.lock`` (with the holder's PID
+  inside) for the whole run, so a second process on the same directory fails at once, naming
+  the PID, instead of mixing two runs' files. The kernel drops the lock when its holder dies,
+  so a lock file left by a killed run is taken over (and reported as stale).
+
 Example::
 
     >>> run = RunDir("runs/tooth")
@@ -28,9 +39,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
+import os
 import shutil
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,8 +64,21 @@ __all__ = [
     "atomic_save_npy",
     "atomic_save_tiff",
     "RunDir",
+    "RunLock",
+    "sha256_file",
     "to_jsonable",
 ]
+
+LOCK_FILE = ".dipuq.lock"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -143,7 +171,7 @@ class RunDir:
         return d / name
 
     def exists(self) -> bool:
-        return self.root.is_dir() and any(self.root.iterdir())
+        return self.root.is_dir() and any(p.name != LOCK_FILE for p in self.root.iterdir())
 
     def create(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -163,9 +191,78 @@ class RunDir:
         m = self.marker(stage)
         return m is not None and m.get("key") == key
 
-    def mark_done(self, stage: str, key: str, **info: Any) -> None:
-        """Record that ``stage`` finished with ``key`` (call after all its files are written)."""
-        atomic_write_json(self.stage_path(stage, self.MARKER), {"stage": stage, "key": key, "finished": time.time(), **info})
+    def mark_done(self, stage: str, key: str, *, before: dict | None = None, exclude: Sequence[str] = (),
+                  **info: Any) -> None:
+        """Record that ``stage`` finished with ``key`` (call after all its files are written).
+
+        The marker lists the SHA-256 of every file in the stage's folder (but ``exclude``) and of
+        every top-level output that is new or changed since the :meth:`snapshot` ``before``.
+        """
+        d = self.stage_dir(stage)
+        names = [p for p in sorted(d.rglob("*")) if p.is_file() and p.name != self.MARKER
+                 and p.relative_to(d).as_posix() not in exclude and not _is_tmp(p)] if d.is_dir() else []
+        if before is not None:
+            now = self.snapshot()
+            names += [self.root / rel for rel, sig in now.items() if before.get(rel) != sig]
+        files = {p.relative_to(self.root).as_posix(): sha256_file(p) for p in names}
+        atomic_write_json(self.stage_path(stage, self.MARKER),
+                          {"stage": stage, "key": key, "finished": time.time(), **info, "files": files})
+
+    def rekey(self, stage: str, key: str) -> None:
+        """Carry a finished stage over to a new request ``key`` (its files and checksums unchanged)."""
+        m = self.marker(stage)
+        if m is not None:
+            atomic_write_json(self.stage_path(stage, self.MARKER), {**m, "key": key})
+
+    def snapshot(self) -> dict[str, tuple[int, int, int]]:
+        """(mtime, size, inode) of the top-level outputs (everything outside ``stages/`` but the
+        files rewritten on every run), to tell which of them a stage writes."""
+        out = {}
+        if not self.root.is_dir():
+            return out
+        for p in self.root.rglob("*"):
+            rel = p.relative_to(self.root).as_posix()
+            if rel.startswith("stages/") or rel in _VOLATILE or _is_tmp(p) or not p.is_file():
+                continue
+            st = p.stat()
+            out[rel] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return out
+
+    def verify(self, stage: str) -> str | None:
+        """None if every file ``stage``'s marker lists has its recorded SHA-256, else why not."""
+        m = self.marker(stage)
+        if m is None:
+            return "it has no readable done.json"
+        files = m.get("files")
+        if not isinstance(files, dict):
+            return "its done.json records no checksums (written by an older dipuq)"
+        for rel, digest in files.items():
+            p = self.root / rel
+            try:
+                ok = sha256_file(p) == digest
+            except FileNotFoundError:
+                return f"{rel} is missing"
+            except OSError as exc:
+                return f"{rel} is unreadable ({exc.strerror or type(exc).__name__})"
+            if not ok:
+                return f"{rel} does not match the checksum in its done.json (truncated or modified)"
+        return None
+
+    def trusted_prefix(self, done: Sequence[str], log=None) -> list[str]:
+        """The finished stages of ``done`` (pipeline order) up to the first one whose files fail
+        :meth:`verify`; that stage and every later one are forgotten (files removed), saying so."""
+        out = []
+        for s in self.stages:
+            if s not in done:
+                break
+            why = self.verify(s)
+            if why is not None:
+                if log is not None:
+                    log(f"dipuq: stage '{s}' cannot be trusted: {why}; recomputing '{s}' and the stages after it")
+                self.invalidate(s)
+                break
+            out.append(s)
+        return out
 
     def invalidate(self, stage: str) -> None:
         """Forget ``stage`` and every later stage (their markers go first, then their files)."""
@@ -190,8 +287,97 @@ class RunDir:
             if (self.root / name).is_dir():
                 shutil.rmtree(self.root / name)
         for p in self.root.iterdir():
-            if p.is_file() and (p.name in _OUTPUT_FILES or p.name.startswith(".") and ".tmp" in p.name):
+            if p.is_file() and (p.name in _OUTPUT_FILES or _is_tmp(p)):
                 p.unlink()
+
+
+def _is_tmp(p: Path) -> bool:
+    return p.name.startswith(".") and ".tmp" in p.name
+
+
+#: top-level files every run rewrites (not a stage's output, so not checksummed by one)
+_VOLATILE = {"config.toml", "config.yaml", "provenance.json", LOCK_FILE}
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the lifetime of one run (``with RunLock(root):``).
+
+    ``flock`` on ``root/.dipuq.lock``; the holder writes its PID, host and start time into the
+    file. A second holder gets a one-line :class:`DipuqError` naming that PID. The kernel
+    releases the lock when its process exits in any way, so a lock file whose PID is dead is
+    stale and taken over (``self.stale_pid`` says whose it was). A folder the lock itself had
+    to create, and that holds nothing else on release, is removed again.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.fd: int | None = None
+        self.stale_pid: int | None = None
+        self._made_root = False
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no locking
+            return self
+        if self.root.exists() and not self.root.is_dir():
+            return self  # the caller reports "not a folder"
+        if not self.root.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._made_root = True
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            pid = holder.get("pid")
+            alive = pid is not None and _pid_alive(pid)
+            who = (f"PID {pid}" + ("" if alive else ", which has exited; a child it started may still hold the lock")
+                   + (f" on {holder['host']}" if holder.get("host") and holder.get("host") != socket.gethostname() else "")
+                   if pid is not None else "an unknown process")
+            raise DipuqError(f"run directory {self.root} is in use by another dipuq run ({who}); wait for it to "
+                             "finish, or choose another --out") from None
+        old = _read_holder(fd)
+        if old.get("pid") is not None and old.get("pid") != os.getpid():
+            self.stale_pid = old["pid"]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        path = self.root / LOCK_FILE
+        with contextlib.suppress(OSError):
+            others = [p for p in self.root.iterdir() if p.name != LOCK_FILE]
+            if not others:  # nothing was written: leave no trace of the attempt
+                path.unlink()
+                if self._made_root:
+                    self.root.rmdir()
+        os.close(self.fd)  # closing releases the flock
+        self.fd = None
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError, TypeError):
+        return True
+    return True
 
 
 _OUTPUT_FILES = {

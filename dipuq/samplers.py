@@ -60,6 +60,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from dipuq import memory
 from dipuq.errors import ConfigError, DipuqError, DivergenceError
 from dipuq.posterior import Posterior
 from dipuq.uncertainty import Moments
@@ -355,6 +356,12 @@ class Sampler:
         if r0 == 0:
             return None
         cap = max(int(cfg.precond_memory_gb * 2**30 / (24 * n)), 1)  # Ω, Y and U in float64
+        if post.model.device.type == "cpu":
+            memory.require(24.0 * n * r0, f"the rank-{r0} Nyström sketch on R^{n}",
+                           "lower sampler.precond_rank (0 = no preconditioner) or the problem size")
+            avail = memory.available_bytes()
+            if avail is not None:  # never grow the sketch past half of what is free now
+                cap = max(min(cap, int(0.5 * avail / (24 * n))), r0)
         r_max = min(max(cfg.precond_max_rank, r0), post.m, post.p, cap)
         sketch = post.cache.get(name)
         if sketch is None:
@@ -428,6 +435,9 @@ class Sampler:
                 raise DipuqError(f"n_samples must be >= 1, got {n_samples}")
             chains = range(n_samples)
         chains = list(chains)
+        if post.model.device.type == "cpu":  # a vmap'ed batch holds ~8 copies of its chains' states
+            memory.require(8.0 * len(chains) * (8.0 * post.p + 4.0 * (post.d + post.m)),
+                           f"a batch of {len(chains)} chains", "lower sampler.chains_per_batch")
         seed = _resolve_seed(seed, generator)
         if moments is None:
             moments = Moments(post.model.image_shape, device=post.model.device)
@@ -734,6 +744,10 @@ class ExactSampler(Sampler):
         """(J̃ (d, p), A J̃ (m, p)) in float64, cached on ``post``."""
         if "dense" not in post.cache:
             big = max(post.m, post.d) * post.p
+            if big <= self.cfg.max_dense:
+                memory.require(8.0 * (post.d + post.m) * post.p + 8.0 * min(post.m, post.p) ** 2,
+                               f"the exact sampler's dense ({post.d} + {post.m}) x {post.p} matrices",
+                               "lower sampler.max_dense, or use sampler 'sgd' or 'cg'")
             if big > self.cfg.max_dense:
                 raise DipuqError(
                     f"exact sampler needs dense ({max(post.m, post.d)} x {post.p}) matrices "

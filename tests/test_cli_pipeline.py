@@ -198,9 +198,15 @@ def test_changed_request_needs_force(scan2d, tmp_path, monkeypatch, capsys):
     assert main([*base, *_sets()]) == 130  # leaves a started run (scan stage done)
     monkeypatch.undo()
     capsys.readouterr()
-    assert main([*base, *_sets(["dip.iterations=41"])]) == 2
+    assert main([*base, *_sets(["data.angles=10"])]) == 2  # the finished scan stage reads [data]
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "different config" in err and "dip.iterations: 40 -> 41" in err and "--force" in err
+    assert err.count("\n") == 1 and "different config" in err and "data.angles: 0 -> 10" in err and "--force" in err
+    # a change that only touches stages that never finished is accepted (interrupted again at fbp)
+    monkeypatch.setitem(pipeline.STAGE_FUNCS, "fbp", (_interrupt, "operator"))
+    assert main([*base, *_sets(["dip.iterations=42"])]) == 130
+    monkeypatch.undo()
+    assert "iterations = 42" in (run / "config.toml").read_text()
+    assert list(run.glob("stages/*_scan/done.json"))  # the finished scan stage was kept
     assert main([*base, *_sets(), "--seed", "3"]) == 2
     assert "seed 0 (now 3)" in capsys.readouterr().err
     # --force starts over (interrupt again right after the scan stage to keep this fast)

@@ -126,6 +126,11 @@ class Scan:
         if p.shape != g.proj_shape:
             raise DataError(f"projection shape {p.shape} does not match the geometry's {g.proj_shape} {_layout(g)}")
         _check_finite(p, "projections")
+        missed = g.angles_missing_volume()
+        if len(missed):
+            raise DataError(f"no detector ray passes through the volume at {len(missed)} of {g.n_angles} angles "
+                            f"(cor_offset {g.cor_offset:g} px, volume {g.vol_shape} @ voxel {g.voxel_size:g}): "
+                            "check cor_offset, the detector spacing / vectors and the volume size")
         raw = [k for k in ("counts", "flat", "dark") if getattr(self, k) is not None]
         if raw and len(raw) != 3:
             missing = sorted({"counts", "flat", "dark"} - set(raw))
@@ -235,10 +240,13 @@ class Scan:
         try:
             with np.load(path, allow_pickle=False) as z:
                 d = {k: z[k] for k in z.files}
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
             raise
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path} is not a readable .npz scan file ({' '.join(str(exc).split())})") from None
+        except MemoryError:
+            raise DataError(f"{path}: its arrays do not fit in memory") from None
+        except Exception as exc:  # noqa: BLE001 - zipfile, zlib, EOF, pickle and format errors alike
+            raise DataError(f"{path} is truncated or corrupt, not a readable .npz scan file "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
         return cls.from_arrays(d, source=str(path), floor=floor)
 
     @classmethod
@@ -254,7 +262,12 @@ class Scan:
         for key in ("projections", "geometry", "volume_shape"):
             if key not in d:
                 raise DataError(f"{source}: missing key {key!r}")
-        meta = json.loads(str(d["meta"])) if "meta" in d else {}
+        try:
+            meta = json.loads(str(d["meta"])) if "meta" in d else {}
+        except ValueError:
+            raise DataError(f"{source}: 'meta' is not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{source}: 'meta' must be a JSON object, got {type(meta).__name__}")
         p = np.asarray(d["projections"])
         beam = str(d["geometry"])
         if beam not in BEAMS:
@@ -262,28 +275,32 @@ class Scan:
         if "angles" in d and "angles_deg" in d:
             raise DataError(f"{source}: give either 'angles' (radians) or 'angles_deg', not both")
         if "angles" in d:
-            angles = np.asarray(d["angles"], dtype=np.float64)
+            angles = _numeric(d["angles"], "angles", source)
+            _check_radians(angles, source, vector="vectors" in d)
         elif "angles_deg" in d:
-            angles = np.deg2rad(np.asarray(d["angles_deg"], dtype=np.float64))
+            angles = np.deg2rad(_numeric(d["angles_deg"], "angles_deg", source))
         elif "vectors" in d:
             angles = np.arange(len(d["vectors"]), dtype=np.float64)
         else:
             raise DataError(f"{source}: missing key 'angles' (radians) or 'angles_deg'")
-        vol_shape = tuple(int(n) for n in np.asarray(d["volume_shape"]).reshape(-1))
+        vol_shape = _shape(d["volume_shape"], "volume_shape", source)
         if p.ndim != len(vol_shape):
             layout = "(angles, cols)" if len(vol_shape) == 2 else "(angles, rows, cols)"
             raise DataError(f"{source}: projections have {p.ndim} dimensions {p.shape}, but a {len(vol_shape)}D "
                             f"volume_shape {vol_shape} needs {layout}")
-        det_shape = tuple(int(n) for n in np.asarray(d["det_shape"]).reshape(-1)) if "det_shape" in d \
+        det_shape = _shape(d["det_shape"], "det_shape", source) if "det_shape" in d \
             else tuple(p.shape[1:])
         kw = {}
         for key in ("voxel_size", "source_origin", "origin_detector", "cor_offset"):
             if key in d:
-                kw[key] = float(d[key])
+                v = _numeric(d[key], key, source)
+                if v.size != 1 or not np.isfinite(v).all():
+                    raise DataError(f"{source}: {key!r} must be one finite number, got {d[key]!r}")
+                kw[key] = float(v.reshape(-1)[0])
         if "det_spacing" in d:
-            kw["det_spacing"] = tuple(np.asarray(d["det_spacing"], dtype=np.float64).reshape(-1))
+            kw["det_spacing"] = tuple(_numeric(d["det_spacing"], "det_spacing", source).reshape(-1))
         if "vectors" in d:
-            kw["vectors"] = np.asarray(d["vectors"], dtype=np.float64)
+            kw["vectors"] = _numeric(d["vectors"], "vectors", source)
         try:
             geometry = Geometry(beam, angles, vol_shape, det_shape, **kw)
         except ValueError as exc:
@@ -300,7 +317,7 @@ class Scan:
             raw = dict(counts=counts, flat=flat, dark=dark)
             p = line_integrals(counts, flat, dark, floor=floor)
             meta["floor"] = floor
-        noise = float(d["noise_std"]) if "noise_std" in d else None
+        noise = float(_numeric(d["noise_std"], "noise_std", source).reshape(-1)[0]) if "noise_std" in d else None
         return cls(p, geometry, reference=d.get("reference"), noise_std=noise,
                    name=str(d.get("name", "")), meta=meta, **raw)
 
@@ -308,6 +325,43 @@ class Scan:
 _NPZ_KEYS = {"projections", "angles", "angles_deg", "geometry", "volume_shape", "det_spacing", "voxel_size",
              "source_origin", "origin_detector", "cor_offset", "flat", "dark", "reference", "noise_std",
              "name", "meta", "vectors", "det_shape"}
+
+
+#: Largest span of ``angles`` accepted as radians: one full turn plus a little slack (the last
+#: angle of a 0..2π scan sometimes equals 2π, and float round-off). More looks like degrees.
+MAX_RADIANS_SPAN = 2 * np.pi + 1e-3
+
+
+def _check_radians(angles: np.ndarray, source: str, vector: bool = False) -> None:
+    """Refuse radian angles that look like degrees (a span beyond one turn, e.g. 0..165)."""
+    if vector or angles.size == 0 or not np.isfinite(angles).all():
+        return
+    span = float(angles.max() - min(angles.min(), 0.0))
+    if span > MAX_RADIANS_SPAN:
+        raise DataError(f"{source}: 'angles' span {span:.4g} rad (more than one turn, 2π ≈ 6.283): they look like "
+                        f"degrees (max {float(angles.max()):.4g}); store them as 'angles_deg' instead, or convert "
+                        "with numpy.deg2rad")
+
+
+def _numeric(a, key: str, source: str) -> np.ndarray:
+    """``a`` as float64, or a one-line DataError naming ``key``."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"{source}: {key!r} must be numeric, got {a.dtype} value {_short(a)}")
+    return a.astype(np.float64)
+
+
+def _shape(a, key: str, source: str) -> tuple[int, ...]:
+    """A shape from an integer array, or a one-line DataError naming ``key`` (strings, 32.5, -1)."""
+    v = _numeric(a, key, source).reshape(-1)
+    if v.size == 0 or not np.isfinite(v).all() or np.any(v != np.round(v)) or np.any(v < 1):
+        raise DataError(f"{source}: {key!r} must be positive whole numbers, got {_short(np.asarray(a))}")
+    return tuple(int(n) for n in v)
+
+
+def _short(a: np.ndarray) -> str:
+    text = " ".join(repr(a.tolist() if a.ndim else a.item()).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_flat_dark(flat: np.ndarray, dark: np.ndarray) -> None:

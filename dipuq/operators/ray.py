@@ -128,6 +128,9 @@ class RayTransform(LinearOperator):
             raise DipuqError(f"RayTransform dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype = dtype
         self.device = torch.device(device if device is not None else self.default_device())
+        from dipuq.memory import check_operator
+
+        check_operator(geometry, self.key)  # refuse before allocating, not after the OOM killer
 
     # -- per-backend -------------------------------------------------------------------
     @classmethod
