@@ -120,11 +120,11 @@ def log_likelihood(ref, mean, std, df: float | None = None, eps: float = 1e-12) 
     Student-t of ``df`` degrees of freedom with standard deviation std (the calibrated maps' shape)."""
     if df is None:
         return gaussian_log_likelihood(ref, mean, std, eps)
-    from dipuq.calibration import _logpdf
+    from dipuq.calibration import log_density
 
     ref, mean, std = _same(ref, mean, std)
     r = (ref - mean).reshape(-1).numpy()
-    return float(np.mean(_logpdf(r, std.clamp(min=eps).pow(2).reshape(-1).numpy(), df)))
+    return float(np.mean(log_density(r, std.clamp(min=eps).pow(2).reshape(-1).numpy(), df)))
 
 
 def coverage(ref, mean, std, levels=DEFAULT_LEVELS, df: float | None = None) -> dict[float, float]:

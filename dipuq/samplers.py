@@ -213,20 +213,23 @@ def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
 
 
-def _chain_noise(post: Posterior, chains: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w₀ = √g ξ (b, p) and ε = σ ζ (b, *range_shape) for each chain, from its own generator."""
+def _chain_noise(post: Posterior, chains: Sequence[int], seed: int, noise: bool = True):
+    """w₀ = √g ξ (b, p) and ε = σ ζ (b, *range_shape) for each chain, from its own generator
+    (ξ is drawn first, so ``noise=False`` returns the same w₀ alone, without drawing ε)."""
     dev, dt = post.model.device, post.model.dtype
     xi, zeta = [], []
     for k in chains:
         gen = chain_generator(seed, k, dev)
         xi.append(torch.randn(post.p, generator=gen, device=dev, dtype=dt))
-        zeta.append(torch.randn(post.A.range_shape, generator=gen, device=dev, dtype=dt))
-    return math.sqrt(post.g) * torch.stack(xi), math.sqrt(post.sigma2) * torch.stack(zeta)
+        if noise:
+            zeta.append(torch.randn(post.A.range_shape, generator=gen, device=dev, dtype=dt))
+    w0 = math.sqrt(post.g) * torch.stack(xi)
+    return (w0, math.sqrt(post.sigma2) * torch.stack(zeta)) if noise else w0
 
 
 def prior_draws(post: Posterior, chains: Sequence[int], seed: int) -> torch.Tensor:
     """The prior draws w₀ ~ N(0, g I) that chains ``chains`` of run ``seed`` start from, ``(b, p)``."""
-    return _chain_noise(post, chains, seed)[0]
+    return _chain_noise(post, chains, seed, noise=False)
 
 
 def _sqnorm(x: torch.Tensor) -> torch.Tensor:

@@ -113,8 +113,6 @@ def load_tiff_stack(folder: str | os.PathLike, *, projections: str | None = None
     vol_shape : default ``(rows, cols, cols)``
     floor : transmission clip for ``-log`` (see :func:`~dipuq.data.preprocess.line_integrals`)
     """
-    import tifffile
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
@@ -134,10 +132,7 @@ def load_tiff_stack(folder: str | os.PathLike, *, projections: str | None = None
         raise DataError(f"slice_axis must be 'rows' or 'cols', got {slice_axis!r}")
 
     def read(f: Path) -> np.ndarray:
-        try:
-            im = np.asarray(tifffile.imread(f), dtype=np.float32)
-        except Exception as exc:  # noqa: BLE001 - tifffile raises many types
-            raise DataError(f"{f}: unreadable TIFF ({' '.join(str(exc).split())})") from None
+        im = _read_tiff(f)
         if im.ndim != 2:
             raise DataError(f"{f}: expected a 2D image, got shape {im.shape}")
         return im.T if slice_axis == "cols" else im
@@ -384,13 +379,8 @@ def load_sinogram(path: str | os.PathLike, *, angles=None, angle_units: str = "d
     cor, cor_offset, vol_shape : as in :func:`load_tiff_stack` (volume default ``(cols, cols)``)
     repeated : see :func:`~dipuq.data.preprocess.merge_repeated_angles`
     """
-    import tifffile
-
     path = Path(path)
-    try:
-        y = np.asarray(tifffile.imread(path), dtype=np.float32)
-    except Exception as exc:  # noqa: BLE001 - tifffile raises many types
-        raise DataError(f"{path}: unreadable TIFF ({' '.join(str(exc).split())})") from None
+    y = _read_tiff(path)
     if y.ndim != 2:
         raise DataError(f"{path}: a sinogram image is 2D (angles, cols), got shape {y.shape}")
     y = np.ascontiguousarray(y.T) if transpose else y
@@ -478,6 +468,16 @@ def load_mat(path: str | os.PathLike, *, struct: str | None = "stack", data: str
 
 
 # -- NeXus helpers ---------------------------------------------------------------------------
+def _read_tiff(path: Path) -> np.ndarray:
+    """One TIFF file as float32; any reader failure is one :class:`DataError` line naming the file."""
+    import tifffile
+
+    try:
+        return np.asarray(tifffile.imread(path), dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types
+        raise DataError(f"{path}: unreadable TIFF ({' '.join(str(exc).split())})") from None
+
+
 def _is_data_exchange(path: Path) -> bool:
     """Whether an HDF5 file has ``exchange/data`` (True also when unreadable: load_hdf5 reports it)."""
     import h5py
