@@ -4,7 +4,7 @@
 
 The floor of a DIP iteration is the unavoidable work: one network forward + backward, one A
 (forward) and one Aᵀ (in the backward pass) — timed as ``loss = mean((A f(z) − y)²);
-loss.backward()``. A DIP iteration (:func:`dipuq.dip.fit_dip`) adds the TV term, Adam's update,
+loss.backward()``. A DIP iteration (:func:`dipuq.dip.fit.fit_dip`) adds the TV term, Adam's update,
 the best-iterate snapshot and the bookkeeping; the target is overhead ≤ 10 %.
 
 Cases: 2D 128² (60 angles) and 3D 32³ (parallel, 32 angles) on CPU; 3D 128³ (cone, 128 views)
@@ -37,9 +37,9 @@ CASES = {
 
 def build_case(name: str):
     from dipuq.data.phantoms import shepp_logan, simulate_scan
-    from dipuq.dip import DipConfig, make_input
+    from dipuq.dip.fit import DipConfig, make_input
     from dipuq.geometry import Geometry
-    from dipuq.networks import NetworkConfig, UNet
+    from dipuq.dip.networks import NetworkConfig, UNet
     from dipuq.operators import RayTransform
 
     ndim, vol, n_ang, beam, ch, scales, device = CASES[name]
@@ -64,7 +64,7 @@ def build_case(name: str):
 
 
 def run_case(name: str, iters: int, rounds: int) -> dict:
-    from dipuq.dip import fit_dip
+    from dipuq.dip.fit import fit_dip
 
     A, y, net, z, cfg, g = build_case(name)
     cuda = A.device.type == "cuda"

@@ -32,9 +32,9 @@ import torch
 
 def build_posterior(n: int, n_angles: int, device: torch.device):
     """(Posterior, description) for an n×n parallel-beam problem; identical on every rank."""
-    from dipuq.linearise import LinearisedModel
-    from dipuq.networks import UNet
-    from dipuq.posterior import Posterior
+    from dipuq.posterior.linearise import LinearisedModel
+    from dipuq.dip.networks import UNet
+    from dipuq.posterior.model import Posterior
 
     gen = torch.Generator().manual_seed(0)
     try:
@@ -66,7 +66,7 @@ def build_posterior(n: int, n_angles: int, device: torch.device):
 
 def worker(args) -> None:
     """One rank: build, warm up, time ``sample_distributed``; rank 0 prints a JSON line."""
-    from dipuq.distributed import init_distributed, sample_distributed
+    from dipuq.samplers.distributed import init_distributed, sample_distributed
     from dipuq.samplers import SamplerConfig, make_sampler
 
     torch.set_num_threads(args.threads)

@@ -381,8 +381,8 @@ def part_host_copies(ctx: Ctx) -> None:
 
 def _dip_case(n: int, ch: int, scales: int, seed: int = 0):
     from dipuq.data.phantoms import shepp_logan
-    from dipuq.dip import DipConfig, make_input
-    from dipuq.networks import NetworkConfig, UNet
+    from dipuq.dip.fit import DipConfig, make_input
+    from dipuq.dip.networks import NetworkConfig, UNet
     from dipuq.operators import RayTransform
 
     g = cone(n, n)
@@ -401,7 +401,7 @@ def _dip_case(n: int, ch: int, scales: int, seed: int = 0):
 
 def part_dip_timing(ctx: Ctx) -> None:
     need_gpu()
-    from dipuq.dip import fit_dip
+    from dipuq.dip.fit import fit_dip
 
     # U-Net of experiments/cone3d-gpu.toml (scales 5, 32 channels, skips 4); cone beam, n views at n³
     sizes = SIZES["dip_quick"] if ctx.quick else SIZES["dip"]
@@ -439,8 +439,8 @@ def part_dip_timing(ctx: Ctx) -> None:
 
 def part_sampler_step(ctx: Ctx) -> None:
     need_gpu()
-    from dipuq.linearise import LinearisedModel
-    from dipuq.posterior import Posterior
+    from dipuq.posterior.linearise import LinearisedModel
+    from dipuq.posterior.model import Posterior
     from dipuq.samplers import SamplerConfig, make_sampler
 
     n = SIZES["sampler"]
@@ -509,9 +509,9 @@ def diamond_overrides(quick: bool) -> list[str]:
 
 def part_pipeline_diamond(ctx: Ctx) -> None:
     need_gpu()
-    from dipuq.config import load_config
+    from dipuq.run.config import load_config
     from dipuq.data.registry import open_dataset
-    from dipuq.pipeline import run_pipeline
+    from dipuq.run.pipeline import run_pipeline
 
     scan = open_dataset("diamond-24737", mirror=_diamond_mirror(ctx))  # SHA-256 verified
     overrides = diamond_overrides(ctx.quick)

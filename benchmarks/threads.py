@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dipuq.networks import NetworkConfig, UNet
+from dipuq.dip.networks import NetworkConfig, UNet
 
 CASES = [("2D 128², 4 scales × 16", 2, 128, 16, 4), ("3D 24³, 3 scales × 8", 3, 24, 8, 3)]
 

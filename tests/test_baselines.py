@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq.baselines import (
+from dipuq.dip.baselines import (
     BASELINES,
     Baseline,
     DipMCDO,
@@ -21,10 +21,10 @@ from dipuq.baselines import (
     tv_pdhg,
 )
 from dipuq.data.phantoms import shepp_logan, simulate_scan
-from dipuq.dip import DipConfig, tv_anisotropic
+from dipuq.dip.fit import DipConfig, tv_anisotropic
 from dipuq.errors import ConfigError, DataError
 from dipuq.geometry import Geometry
-from dipuq.networks import NetworkConfig, UNet
+from dipuq.dip.networks import NetworkConfig, UNet
 from dipuq.operators import MatrixOperator, RayTransform
 
 

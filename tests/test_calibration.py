@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq.calibration import (
+from dipuq.maps.calibration import (
     RELIABILITY_LEVELS,
     HeldoutPredictive,
     VarianceModel,
@@ -21,10 +21,10 @@ from dipuq.calibration import (
     fit_variance_model,
     interval_multiplier,
 )
-from dipuq.config import load_config
+from dipuq.run.config import load_config
 from dipuq.data.phantoms import shepp_logan, simulate_scan
 from dipuq.geometry import Geometry
-from dipuq.pipeline import run_pipeline
+from dipuq.run.pipeline import run_pipeline
 
 
 def _linear_gaussian(sigma2=0.04, g=1e4, d=40, m_fit=120, m_held=8, reps=400, seed=0):

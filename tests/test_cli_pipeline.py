@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq import pipeline
+from dipuq.run import pipeline
 from dipuq.cli import main
 from dipuq.data.phantoms import shepp_logan, simulate_scan
 from dipuq.geometry import Geometry
@@ -102,7 +102,7 @@ def test_reconstruct_2d(scan2d, tmp_path, capsys):
     out = capsys.readouterr()
     assert "report.html" in out.out and "[3/11] dip" in out.err
     # the resolved config reloads to the same configuration
-    from dipuq.config import load_config
+    from dipuq.run.config import load_config
 
     cfg = load_config(run / "config.toml")
     assert cfg.dip.iterations == 40 and cfg.sampler.n_samples == 4 and cfg.dip.network.channels == 4
@@ -143,7 +143,6 @@ def test_resume_after_interrupt(scan2d, tmp_path, monkeypatch, capsys):
     """Interrupt inside the sampler after its first batch; the rerun recomputes neither the
     earlier stages nor the finished batch, and gives the same std map as an uninterrupted run."""
     from dipuq import samplers
-
     run = tmp_path / "interrupted"
     argv = ["reconstruct", str(scan2d), "--out", str(run), "--device", "cpu", *_sets()]
     real_sample = samplers.Sampler.sample
@@ -167,11 +166,11 @@ def test_resume_after_interrupt(scan2d, tmp_path, monkeypatch, capsys):
     def boom(*a, **kw):
         raise AssertionError("a finished stage was recomputed")
 
-    import dipuq.dip
-    import dipuq.posterior
+    import dipuq.dip.fit
+    import dipuq.posterior.model
 
-    monkeypatch.setattr(dipuq.dip, "run_dip", boom)
-    monkeypatch.setattr(dipuq.posterior, "gprior_scale", boom)
+    monkeypatch.setattr(dipuq.dip.fit, "run_dip", boom)
+    monkeypatch.setattr(dipuq.posterior.model, "gprior_scale", boom)
     monkeypatch.setattr(samplers, "iterate_em", boom)
     batches.clear()
     interrupt[0] = False
@@ -266,7 +265,7 @@ def test_help(command, capsys):
 def test_demo_quick_settings_are_valid():
     """The demo presets are valid configs (the demo itself is timed in the report, not here)."""
     from dipuq.commands.demo import SETTINGS, demo_scan
-    from dipuq.config import load_config
+    from dipuq.run.config import load_config
 
     for n, views, noise, preset in SETTINGS.values():
         cfg = load_config(None).replace(preset)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from dipuq.config import (
+from dipuq.run.config import (
     Config,
     DataConfig,
     DipConfig,

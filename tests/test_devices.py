@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq import pipeline
+from dipuq.run import pipeline
 from dipuq.cli import main
 from dipuq.data.phantoms import shepp_logan, simulate_scan
 from dipuq.devices import check_same_device, oom_error, same_device
 from dipuq.errors import DipuqError, GPUOutOfMemoryError
 from dipuq.geometry import Geometry
-from dipuq.rundir import RunDir
+from dipuq.run.rundir import RunDir
 
 TINY = ["dip.iterations=10", "dip.network.scales=2", "dip.network.channels=4", "dip.network.skip_channels=1",
         "linearise.diag_probes=2", "posterior.em_rounds=1", "posterior.em_samples=2", "sampler.method=cg",
@@ -146,8 +146,8 @@ def test_ray_transform_refuses_other_device():
 
 
 def test_linearised_model_refuses_mixed_devices():
-    from dipuq.linearise import LinearisedModel
-    from dipuq.networks import UNet
+    from dipuq.posterior.linearise import LinearisedModel
+    from dipuq.dip.networks import UNet
 
     net = UNet(ndim=2, scales=1, channels=2, skip_channels=0, generator=torch.Generator().manual_seed(0))
     with pytest.raises(DipuqError, match="LinearisedModel: inputs are on different devices"):
@@ -155,8 +155,8 @@ def test_linearised_model_refuses_mixed_devices():
 
 
 def test_fit_dip_refuses_net_on_other_device():
-    from dipuq.dip import DipConfig, fit_dip
-    from dipuq.networks import UNet
+    from dipuq.dip.fit import DipConfig, fit_dip
+    from dipuq.dip.networks import UNet
     from dipuq.operators import RayTransform
 
     A = RayTransform(Geometry.parallel2d(np.linspace(0, np.pi, 4, endpoint=False), (8, 8)))

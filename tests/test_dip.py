@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dipuq.data.phantoms import shepp_logan, simulate_scan
-from dipuq.dip import (
+from dipuq.dip.fit import (
     DipConfig,
     DipResult,
     estimate_noise_sigma2,
@@ -21,7 +21,7 @@ from dipuq.dip import (
 )
 from dipuq.errors import ConfigError, DataError, DipuqError
 from dipuq.geometry import Geometry
-from dipuq.networks import NetworkConfig, UNet
+from dipuq.dip.networks import NetworkConfig, UNet
 from dipuq.operators import MatrixOperator, RayTransform, fbp
 
 
@@ -254,7 +254,7 @@ def test_callbacks_progress_and_logging(tiny2d, caplog):
         seen.append(state.iteration)
         return state.iteration == 3
 
-    with caplog.at_level("INFO", logger="dipuq.dip"):
+    with caplog.at_level("INFO", logger="dipuq.dip.fit"):
         _, res = _fit(A, y, _cfg(iterations=10, log_every=2), callbacks=[stop_at_3], progress=True)
     assert seen == [0, 1, 2, 3] and res.stop_reason == "callback" and res.iterations == 4
     assert sum("DIP it" in r.message for r in caplog.records) == 2  # iterations 1 and 3

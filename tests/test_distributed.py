@@ -20,16 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dipuq.distributed import (
+from dipuq.samplers.distributed import (
     DistContext, DistributedError, allreduce_moments, current_context, em_hooks, init_distributed, main_only,
     reduce_gamma, sample_distributed, shard_chains,
 )
 from dipuq.errors import DipuqError, DivergenceError
-from dipuq.linearise import LinearisedModel
+from dipuq.posterior.linearise import LinearisedModel
 from dipuq.operators.base import MatrixOperator
-from dipuq.posterior import Posterior
+from dipuq.posterior.model import Posterior
 from dipuq.samplers import SamplerConfig, make_sampler, run_em
-from dipuq.uncertainty import Moments
+from dipuq.maps.uncertainty import Moments
 
 HERE = Path(__file__).resolve()
 N_CHAINS, SEED = 24, 5

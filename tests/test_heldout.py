@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from dipuq.cli import main
-from dipuq.config import load_config
+from dipuq.run.config import load_config
 from dipuq.data.phantoms import shepp_logan, simulate_scan
 from dipuq.data.split import ProjectionSplit, angle_groups
-from dipuq.dip import DipConfig, run_dip
+from dipuq.dip.fit import DipConfig, run_dip
 from dipuq.errors import ConfigError
 from dipuq.geometry import Geometry
-from dipuq.networks import NetworkConfig, UNet
+from dipuq.dip.networks import NetworkConfig, UNet
 from dipuq.operators import RayTransform
-from dipuq.pipeline import run_pipeline
+from dipuq.run.pipeline import run_pipeline
 
 TINY = {
     "dip.iterations": 60, "dip.network.scales": 2, "dip.network.channels": 4, "dip.network.skip_channels": 1,

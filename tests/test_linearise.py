@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dipuq.errors import DipuqError
-from dipuq.linearise import LinearisedModel, conv_param_names
+from dipuq.posterior.linearise import LinearisedModel, conv_param_names
 from dipuq.operators.base import MatrixOperator
-from dipuq.posterior import gprior_diagonal, gprior_scale
+from dipuq.posterior.model import gprior_diagonal, gprior_scale
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dipuq.metrics import (
+from dipuq.maps.metrics import (
     PatchCovariance, calibration_error, coverage, crps_gaussian, gaussian_log_likelihood, patch_log_likelihood, psnr,
     spearman, ssim, uncertainty_metrics,
 )

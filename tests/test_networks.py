@@ -5,7 +5,7 @@ import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
 from dipuq.errors import ConfigError
-from dipuq.networks import ChannelDropout, NetworkConfig, UNet, conv_weight_names, count_parameters
+from dipuq.dip.networks import ChannelDropout, NetworkConfig, UNet, conv_weight_names, count_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")

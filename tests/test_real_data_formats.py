@@ -62,8 +62,8 @@ def test_liquidet_repeated_tilts(liquid_keep, shared_data):
 
 def test_pipeline_runs_on_the_limited_angle_tilt_series(liquid_keep, tmp_path):
     """One slice, 32 px, all 116 frames kept (non-uniform: repeated tilts, -46° … +44°), tiny settings."""
-    from dipuq.config import load_config
-    from dipuq.pipeline import run_pipeline
+    from dipuq.run.config import load_config
+    from dipuq.run.pipeline import run_pipeline
 
     scan = bin(liquid_keep.slice(128), 8)
     assert scan.projections.shape == (116, 32)

@@ -22,7 +22,7 @@ import torch
 from dipuq.cli import main
 from dipuq.data.phantoms import shepp_logan, simulate_scan
 from dipuq.geometry import Geometry
-from dipuq.rundir import LOCK_FILE, RunLock
+from dipuq.run.rundir import LOCK_FILE, RunLock
 
 TINY = [
     "dip.iterations=20", "dip.network.scales=2", "dip.network.channels=4", "dip.network.skip_channels=1",
@@ -148,7 +148,7 @@ def test_stale_lock_taken_over(tmp_path):
 
 def test_lock_released_when_holder_is_killed(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from dipuq.rundir import RunLock; l = RunLock(sys.argv[1]).__enter__(); "
+    code = ("import sys, time; from dipuq.run.rundir import RunLock; l = RunLock(sys.argv[1]).__enter__(); "
             "open(sys.argv[1] + '/x', 'w').write('x'); print('held', flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -257,8 +257,7 @@ def test_fuzz_exhaustive(how, finished, scan_path, tmp_path, capsys):
 def test_failed_run_rerun_with_corrected_config(scan_path, tmp_path, monkeypatch, capsys):
     """A run that failed in the maps stage reruns with a corrected [output] config without
     --force, reusing the finished stages; a change to a finished stage's section is still refused."""
-    from dipuq import pipeline
-
+    from dipuq.run import pipeline
     run = tmp_path / "run"
 
     def fail(ctx, section):
@@ -274,10 +273,9 @@ def test_failed_run_rerun_with_corrected_config(scan_path, tmp_path, monkeypatch
     def boom(*a, **kw):
         raise AssertionError("a finished stage was recomputed")
 
-    import dipuq.dip
+    import dipuq.dip.fit
     from dipuq import samplers
-
-    monkeypatch.setattr(dipuq.dip, "run_dip", boom)
+    monkeypatch.setattr(dipuq.dip.fit, "run_dip", boom)
     monkeypatch.setattr(samplers.Sampler, "sample", boom)
     assert main(_argv(scan_path, run, "--set", "output.tiff=false")) == 0
     assert (run / "std.npy").is_file() and not (run / "std.tif").exists()
@@ -287,17 +285,17 @@ def test_failed_run_rerun_with_corrected_config(scan_path, tmp_path, monkeypatch
 
 def test_memory_guard_in_samplers(monkeypatch):
     """Dense oracles, Nyström sketches and vmap batches are refused in one line when they cannot fit."""
-    from dipuq.linearise import LinearisedModel
+    from dipuq.posterior.linearise import LinearisedModel
     from dipuq.memory import MemoryGuardError
-    from dipuq.networks import UNet
+    from dipuq.dip.networks import UNet
     from dipuq.operators import RayTransform
-    from dipuq.posterior import Posterior
+    from dipuq.posterior.model import Posterior
     from dipuq.samplers import SamplerConfig, make_sampler
 
     g = Geometry.parallel2d(np.linspace(0, np.pi, 6, endpoint=False), (8, 8))
     A = RayTransform(g, backend="astra-cpu")
     gen = torch.Generator().manual_seed(0)
-    from dipuq.config import load_config
+    from dipuq.run.config import load_config
 
     cfg = load_config(None, ["dip.network.scales=2", "dip.network.channels=2", "dip.network.skip_channels=1"])
     net = UNet.from_config(cfg.dip.network, ndim=2, generator=gen)

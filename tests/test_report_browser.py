@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dipuq.report import write_report
+from dipuq.show.report import write_report
 
 pytestmark = pytest.mark.browser
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from dipuq.errors import ConfigError, DipuqError, DivergenceError
-from dipuq.linearise import LinearisedModel
+from dipuq.posterior.linearise import LinearisedModel
 from dipuq.operators.base import MatrixOperator
-from dipuq.posterior import Posterior
+from dipuq.posterior.model import Posterior
 from dipuq.samplers import SamplerConfig, chain_generator, make_sampler
-from dipuq.uncertainty import Moments, UncertaintyMaps
+from dipuq.maps.uncertainty import Moments, UncertaintyMaps
 
 
 @pytest.fixture(autouse=True, scope="module")

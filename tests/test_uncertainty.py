@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dipuq.errors import DipuqError
-from dipuq.uncertainty import Moments, UncertaintyMaps, normal_quantile
+from dipuq.maps.uncertainty import Moments, UncertaintyMaps, normal_quantile
 
 
 def test_streaming_equals_batch_and_merge():

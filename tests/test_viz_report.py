@@ -10,9 +10,10 @@ import re
 import numpy as np
 import pytest
 
-from dipuq import viz
-from dipuq.report import render_report, write_report
-from dipuq.rundir import RunDir, atomic_path, atomic_save_npy, atomic_save_tiff, atomic_write_json, atomic_write_text
+from dipuq.show import viz
+from dipuq.show.report import render_report, write_report
+from dipuq._io import atomic_path, atomic_save_npy, atomic_save_tiff, atomic_write_json, atomic_write_text
+from dipuq.run.rundir import RunDir
 
 
 def _volumes(shape=(12, 14, 16), seed=0):
@@ -182,12 +183,12 @@ def test_saved_files_get_umask_permissions_not_private(tmp_path):
 
     import torch
 
-    from dipuq.dip import atomic_torch_save
-    from dipuq.uncertainty import UncertaintyMaps
+    from dipuq._io import save_torch
+    from dipuq.maps.uncertainty import UncertaintyMaps
 
     old = os.umask(0o022)
     try:
-        atomic_torch_save({"a": torch.zeros(2)}, tmp_path / "c.pt")
+        save_torch({"a": torch.zeros(2)}, tmp_path / "c.pt")
         UncertaintyMaps(mean=np.zeros((2, 2)), std=np.ones((2, 2)), n_samples=3).save(tmp_path / "maps.npz")
         atomic_write_json(tmp_path / "m.json", {"v": 1})
     finally:

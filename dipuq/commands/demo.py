@@ -76,8 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dipuq.config import load_config
-    from dipuq.pipeline import run_pipeline
+    from dipuq.run.config import load_config
+    from dipuq.run.pipeline import run_pipeline
 
     seed = parse_seed(args.seed)
     n, views, noise, preset = SETTINGS["quick" if args.quick else "default"]

@@ -66,9 +66,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dipuq.config import load_config
+    from dipuq.run.config import load_config
     from dipuq.data.loaders import load_scan
-    from dipuq.pipeline import run_pipeline
+    from dipuq.run.pipeline import run_pipeline
 
     seed = parse_seed(args.seed)
     config = load_config(args.config, args.overrides)

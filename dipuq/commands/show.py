@@ -64,8 +64,7 @@ def load_run(run: Path):
 
 
 def main(args: argparse.Namespace) -> int:
-    from dipuq import viz
-
+    from dipuq.show import viz
     run = Path(args.run)
     recon, std, reference, voxel, title = load_run(run)
     maps = viz.derived_maps(recon, std, reference)

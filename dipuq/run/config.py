@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dipuq.dip import DipConfig
+from dipuq.dip.fit import DipConfig
 from dipuq.errors import ConfigError
-from dipuq.networks import NetworkConfig
+from dipuq.dip.networks import NetworkConfig
 from dipuq.samplers import SamplerConfig
 
 __all__ = [
@@ -482,7 +482,7 @@ def dumps_config(cfg: Config, fmt: Literal["toml", "yaml"] = "toml") -> str:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write ``cfg`` atomically as TOML or YAML (by suffix); :func:`load_config` reads it back."""
-    from dipuq.rundir import atomic_write_text
+    from dipuq._io import atomic_write_text
 
     path = Path(path)
     fmt = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml"

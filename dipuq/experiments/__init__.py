@@ -9,10 +9,10 @@ An *experiment* is a TOML file in ``experiments/`` (see ``experiments/README.md`
   phantom itself, or a reconstruction from *all* angles);
 - ``[[case]]`` — the variants (number of angles, noise level), each run for every seed;
 - ``[methods]`` — which methods to compare and their options;
-- ``[pipeline]`` — the :class:`dipuq.config.Config` of the Bayes-DIP runs (``[pipeline.dip]``...).
+- ``[pipeline]`` — the :class:`dipuq.run.config.Config` of the Bayes-DIP runs (``[pipeline.dip]``...).
 
 Methods (keys of :data:`METHODS`): ``bayes-sgd`` and ``bayes-cg`` (the linearised-DIP posterior
-of :func:`dipuq.pipeline.run_pipeline` with the sgd / cg sampler; ``bayes-exact`` for tiny
+of :func:`dipuq.run.pipeline.run_pipeline` with the sgd / cg sampler; ``bayes-exact`` for tiny
 problems), ``mcdo`` (DIP with MC dropout), ``fixed-sigma`` (the DIP reconstruction with one
 constant std everywhere, the noise-equivalent std of the DIP residual), ``oracle-sigma`` (the
 same with the constant that is best in hindsight, RMS error against the reference — an oracle),
@@ -68,7 +68,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from dipuq.config import Config, apply_overrides, config_digest, config_from_dict, config_to_dict, dumps_config, option
+from dipuq.run.config import Config, apply_overrides, config_digest, config_from_dict, config_to_dict, dumps_config, option
+from dipuq import seeds as seeding
 from dipuq.errors import ConfigError, DipuqError
 
 __all__ = [
@@ -120,7 +121,7 @@ SHARED_STAGES = ("scan", "fbp", "dip", "linearise")
 
 
 # --------------------------------------------------------------------------------------------
-# The spec: typed sections validated by dipuq.config's machinery (unknown keys are errors)
+# The spec: typed sections validated by dipuq.run.config's machinery (unknown keys are errors)
 # --------------------------------------------------------------------------------------------
 
 
@@ -358,10 +359,7 @@ def dumps_spec(spec: ExperimentSpec) -> str:
 
 def _seed_gen(*parts) -> torch.Generator:
     """A generator that is a pure function of ``parts`` (ints and strings)."""
-    words = [int.from_bytes(hashlib.sha256(str(p).encode()).digest()[:4], "little") if not isinstance(p, int) else p % 2**32
-             for p in parts]
-    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return seeding.generator(*(p if isinstance(p, int) else str(p) for p in parts))
 
 
 def normalise_background(scan, edge_cols: int = 8):
@@ -417,7 +415,7 @@ def _phantom_scan(spec: ScanSpec, case: CaseSpec, seed: int):
 
 def _reference_recon(full, spec: ScanSpec, backend: str, device) -> np.ndarray:
     """Reconstruction of the full-angle scan that serves as the reference (see ``scan.reference``)."""
-    from dipuq.baselines import make_baseline
+    from dipuq.dip.baselines import make_baseline
     from dipuq.operators import RayTransform
 
     A = RayTransform(full.geometry, backend=backend, device=device)
@@ -547,9 +545,10 @@ def _share_fit(job: _Job, src: Path, dst: Path, cfg: Config) -> bool:
     Only when ``src`` finished those stages and the two configs agree on every section they
     depend on (data, operator, dip, linearise). Returns whether anything was shared.
     """
-    from dipuq import pipeline
-    from dipuq.config import load_config
-    from dipuq.rundir import RunDir, atomic_write_json, atomic_write_text
+    from dipuq.run import pipeline
+    from dipuq.run.config import load_config
+    from dipuq._io import atomic_write_json, atomic_write_text
+    from dipuq.run.rundir import RunDir
 
     if not src.joinpath("stages", pipeline.REQUEST_FILE).exists() or dst.joinpath("stages", pipeline.REQUEST_FILE).exists():
         return False
@@ -583,7 +582,7 @@ def _split_times(timings: dict[str, float]) -> dict[str, float]:
 
 
 def _run_bayes(job: _Job, method: str):
-    from dipuq.pipeline import run_pipeline
+    from dipuq.run.pipeline import run_pipeline
 
     cfg = _bayes_config(job.spec, method)
     run = job.folder / method
@@ -607,7 +606,7 @@ def _run_bayes(job: _Job, method: str):
 
 def _dip_result(job: _Job):
     """The bayes-sgd run's DIP fit (θ*, f(θ*)) when there is one, with its wall time."""
-    from dipuq.dip import DipResult
+    from dipuq.dip.fit import DipResult
 
     p = job.folder / "bayes-sgd" / "stages" / "03_dip" / "dip.pt"
     done = job.folder / "bayes-sgd" / "stages" / "03_dip" / "done.json"
@@ -616,7 +615,7 @@ def _dip_result(job: _Job):
         fbp_done = job.folder / "bayes-sgd" / "stages" / "02_fbp" / "done.json"
         t += json.loads(fbp_done.read_text()).get("seconds", 0.0) if fbp_done.exists() else 0.0
         return DipResult.load(p), t, True
-    from dipuq.baselines import Dip
+    from dipuq.dip.baselines import Dip
 
     t0 = time.perf_counter()
     res = Dip(config=job.spec.pipeline.dip).reconstruct(job.A, job.y, generator=job.gen("dip"))
@@ -624,7 +623,7 @@ def _dip_result(job: _Job):
 
 
 def _run_fixed(job: _Job, method: str):
-    from dipuq.baselines import FixedSigmaDip, oracle_constant_std
+    from dipuq.dip.baselines import FixedSigmaDip, oracle_constant_std
 
     dip, t_fit, shared = _dip_result(job)
     t0 = time.perf_counter()
@@ -643,7 +642,7 @@ def _run_fixed(job: _Job, method: str):
 
 
 def _run_mcdo(job: _Job, method: str):
-    from dipuq.baselines import DipMCDO
+    from dipuq.dip.baselines import DipMCDO
 
     m = job.spec.methods
     dcfg = job.spec.pipeline.dip
@@ -658,7 +657,7 @@ def _run_mcdo(job: _Job, method: str):
 
 
 def _run_point(job: _Job, method: str):
-    from dipuq.baselines import make_baseline
+    from dipuq.dip.baselines import make_baseline
 
     m = job.spec.methods
     b = make_baseline("tv", lam=m.tv_lam, n_iter=m.tv_iter) if method == "tv" else make_baseline("fbp")
@@ -679,7 +678,7 @@ def method_metrics(reference: np.ndarray, recon: np.ndarray, std: np.ndarray | N
                    df: float | None = None) -> dict[str, float]:
     """PSNR and SSIM of ``recon``; with a ``std`` also the uncertainty metrics (NaN without);
     ``df``: the Student-t interval shape of calibrated maps."""
-    from dipuq.metrics import psnr, ssim, uncertainty_metrics
+    from dipuq.maps.metrics import psnr, ssim, uncertainty_metrics
 
     if std is not None:
         m = uncertainty_metrics(reference, recon, std, df=df)
@@ -718,7 +717,7 @@ def _method_key(spec: ExperimentSpec, method: str, scan_digest: str, seed: int) 
 
 
 def _write_json(path: Path, obj) -> None:
-    from dipuq.rundir import atomic_write_json, to_jsonable
+    from dipuq._io import atomic_write_json, to_jsonable
 
     atomic_write_json(path, to_jsonable(obj))
 
@@ -776,7 +775,7 @@ def run_experiment(
     progress : stage lines and progress bars on stderr
     figures : write comparison figures (seed 0) into ``out/figures``
     """
-    from dipuq.distributed import init_distributed
+    from dipuq.samplers.distributed import init_distributed
 
     with init_distributed(device=spec.experiment.device) as dist:
         if not dist.is_distributed:
@@ -792,15 +791,15 @@ def run_experiment(
 
 def _serve_pipeline_runs(dist) -> None:
     """Ranks > 0 under torchrun: join every pipeline run rank 0 announces, until it says stop."""
-    from dipuq.pipeline import run_pipeline
+    from dipuq.run.pipeline import run_pipeline
 
     while (job := dist.broadcast_object(None)) is not None:
         run_pipeline(job["scan"], job["config"], job["run"], seed=job["seed"], device=job["device"], progress=False)
 
 
 def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> ExperimentResult:
-    from dipuq.pipeline import _git_commit, _versions, resolve_device, scan_digest
-    from dipuq.rundir import atomic_save_npy, atomic_write_text
+    from dipuq.run.pipeline import _git_commit, _versions, resolve_device, scan_digest
+    from dipuq._io import atomic_save_npy, atomic_write_text
 
     seeds = spec.experiment.seeds if seeds is None else seeds
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
@@ -838,7 +837,7 @@ def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> Ex
                 else:
                     log(f"[seed {seed}] {case.name}: preparing the scan")
                     scan, _ = build_scan(spec, case, seed, device)
-                    from dipuq.rundir import atomic_path
+                    from dipuq._io import atomic_path
 
                     with atomic_path(scan_path) as tmp:
                         scan.save(tmp)
@@ -885,7 +884,6 @@ def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> Ex
     _write_table_csv(out / "table.csv", table_rows)
     figs = _comparison_figures(spec, out, seed=0) if figures else []
     from dipuq import __version__
-
     _write_json(out / "provenance.json", {
         "experiment": spec.name, "dipuq_version": __version__, "command": sys.argv, "seeds": seeds,
         "cases": [c.name for c in spec.cases], "methods": list(spec.methods.run),
@@ -976,7 +974,7 @@ def _cell(v):
 
 
 def _write_rows_csv(path: Path, rows: list[dict]) -> None:
-    from dipuq.rundir import atomic_write_text
+    from dipuq._io import atomic_write_text
 
     keys = ["seed", "case", "method"]
     for r in rows:
@@ -990,7 +988,7 @@ def _write_rows_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _write_table_csv(path: Path, table: list[dict]) -> None:
-    from dipuq.rundir import atomic_write_text
+    from dipuq._io import atomic_write_text
 
     keys = ["case", "method", "n_seeds"] + [x for k in METRICS for x in (k, f"{k}_std")]
     buf = io.StringIO()
@@ -1007,7 +1005,7 @@ def _write_table_csv(path: Path, table: list[dict]) -> None:
 
 
 def _comparison_figures(spec: ExperimentSpec, out: Path, seed: int = 0) -> list[Path]:
-    from dipuq import viz
+    from dipuq.show import viz
     from dipuq.data.scan import Scan
 
     written = []

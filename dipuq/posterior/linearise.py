@@ -19,7 +19,7 @@ Shapes: weights flat ``(*batch, p)``; images ``(*batch, *image_shape)`` where ``
 Example::
 
     >>> import torch
-    >>> from dipuq.linearise import LinearisedModel
+    >>> from dipuq.posterior.linearise import LinearisedModel
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GELU(),
     ...                           torch.nn.Conv2d(4, 1, 3, padding=1))
     >>> model = LinearisedModel(net, torch.randn(1, 1, 8, 8))

@@ -39,7 +39,7 @@ of samples. The linear-model mean offset u = w̄ − w_c solves the same problem
 * ``exact`` — dense Cholesky of (K + σ²I) (m ≤ p) or of H (p < m): the oracle for tiny problems.
 
 Each sampler is a generator of :class:`SamplerState` (``iterate``) plus a driver (``sample``,
-``mean``) that streams image samples into :class:`~dipuq.uncertainty.Moments`.
+``mean``) that streams image samples into :class:`~dipuq.maps.uncertainty.Moments`.
 :func:`iterate_em` / :func:`run_em` fit g by sample-based EM.
 
 Example::
@@ -57,13 +57,12 @@ import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 
-import numpy as np
 import torch
 
-from dipuq import memory
+from dipuq import memory, seeds
 from dipuq.errors import ConfigError, DipuqError, DivergenceError
-from dipuq.posterior import Posterior
-from dipuq.uncertainty import Moments
+from dipuq.posterior.model import Posterior
+from dipuq.maps.uncertainty import Moments
 
 __all__ = [
     "SamplerConfig", "SamplerState", "SampleResult", "MeanResult", "Sampler", "SGDSampler", "CGSampler",
@@ -199,10 +198,7 @@ class MeanResult:
 
 def chain_generator(seed: int, chain: int, device=None) -> torch.Generator:
     """The generator of chain ``chain`` under run seed ``seed``: a pure function of (seed, chain)."""
-    state = np.random.SeedSequence([int(seed) % 2**63, int(chain)]).generate_state(2, dtype=np.uint32)
-    gen = torch.Generator(device=device or "cpu")
-    gen.manual_seed(int(state[0]) << 31 ^ int(state[1]))
-    return gen
+    return seeds.generator(seed, int(chain), device=device)
 
 
 def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
@@ -873,7 +869,7 @@ def iterate_em(
     [1, m − 1] and g ← ||u||² / γ̂. Stops early when |Δg| / g < ``rtol``. Returns the posterior
     with the final g.
 
-    Hooks for sharded runs (:func:`dipuq.distributed.em_hooks`): ``sample_fn(sampler, post,
+    Hooks for sharded runs (:func:`dipuq.samplers.distributed.em_hooks`): ``sample_fn(sampler, post,
     n_samples, seed, init)`` draws a round's samples (default ``sampler.sample(..., keep_warm=True)``;
     its ``gamma`` must cover all chains), and ``sync(g_new)`` returns the g every process adopts.
     """

@@ -1,4 +1,4 @@
-"""Run directories: atomic file writes, the output layout and per-stage checkpoints.
+"""Run directories: the output layout, per-stage checkpoints and their integrity, the run lock.
 
 A run directory is a folder of plain files that a reader (human, Fiji, napari, Python) can
 open without dipuq::
@@ -40,8 +40,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -51,95 +49,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from dipuq._io import atomic_path
+from dipuq._io import atomic_write_json, sha256_file
 from dipuq.errors import DipuqError
 
-__all__ = [
-    "atomic_path",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_write_json",
-    "atomic_save_npy",
-    "atomic_save_tiff",
-    "RunDir",
-    "RunLock",
-    "sha256_file",
-    "to_jsonable",
-]
+__all__ = ["RunDir", "RunLock"]
 
 LOCK_FILE = ".dipuq.lock"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-    return Path(path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON values from numpy/torch scalars and arrays, paths, tuples and dataclasses."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if hasattr(obj, "detach") and hasattr(obj, "cpu"):  # torch tensor
-        return to_jsonable(obj.detach().cpu().numpy())
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
-
-
-def atomic_save_npy(path: str | Path, array) -> Path:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_save_tiff(path: str | Path, array, *, voxel_size: float | None = None) -> Path:
-    """A float32 ImageJ hyperstack (2D image or 3D z-stack) that Fiji and napari open directly."""
-    import tifffile
-
-    a = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
-    kw: dict[str, Any] = {"imagej": True, "metadata": {"axes": "ZYX" if a.ndim == 3 else "YX"}}
-    if voxel_size:
-        kw["resolution"] = (1.0 / voxel_size, 1.0 / voxel_size)
-        if a.ndim == 3:
-            kw["metadata"]["spacing"] = voxel_size
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, a, **kw)
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 class RunDir:

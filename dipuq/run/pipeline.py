@@ -14,7 +14,7 @@ resumed run gives the same numbers as an uninterrupted one.
 
 Example::
 
-    >>> from dipuq.config import load_config
+    >>> from dipuq.run.config import load_config
     >>> from dipuq.data.loaders import load_scan
     >>> result = run_pipeline(load_scan("scan.npz"), load_config(None, ["dip.iterations=500"]),
     ...                       "runs/scan", seed=0)
@@ -44,20 +44,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dipuq import __version__
-from dipuq.config import Config, config_digest, config_to_dict, diff_configs, dumps_config, load_config
+from dipuq import __version__, seeds
+from dipuq.run.config import Config, config_digest, config_to_dict, diff_configs, dumps_config, load_config
 from dipuq.data.scan import Scan
 from dipuq.errors import ConfigError, DipuqError, GPUUnavailableError
-from dipuq.rundir import (
-    RunDir,
-    RunLock,
-    atomic_path,
-    atomic_save_npy,
-    atomic_save_tiff,
-    atomic_write_json,
-    atomic_write_text,
-    to_jsonable,
-)
+from dipuq._io import atomic_path, atomic_save_npy, atomic_save_tiff, atomic_write_json, atomic_write_text, load_torch, save_torch, to_jsonable
+from dipuq.run.rundir import RunDir, RunLock
 
 __all__ = ["STAGES", "RunContext", "RunResult", "run_pipeline", "prepare_scan", "resolve_device", "stage_generator"]
 
@@ -75,10 +67,7 @@ REQUEST_FILE = "request.json"
 
 def stage_generator(seed: int, stage: str, device="cpu") -> torch.Generator:
     """The generator of ``stage`` under run seed ``seed`` (a pure function of both)."""
-    state = np.random.SeedSequence([int(seed) % 2**63, STAGES.index(stage)]).generate_state(2, dtype=np.uint32)
-    gen = torch.Generator(device=device)
-    gen.manual_seed((int(state[0]) << 31) ^ int(state[1]))
-    return gen
+    return seeds.generator(seed, STAGES.index(stage), device=device)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -156,18 +145,6 @@ def _git_commit() -> str | None:
         return None
 
 
-def _torch_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged checkpoint: say which, suggest --force
-        raise DipuqError(f"cannot read checkpoint {path} ({type(exc).__name__}); rerun with --force") from None
-
-
 # --------------------------------------------------------------------------------------------
 # Context and result
 # --------------------------------------------------------------------------------------------
@@ -191,7 +168,7 @@ class RunContext:
     values: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
-    dist: Any = None  # dipuq.distributed.DistContext: rank 0 writes, all ranks sample
+    dist: Any = None  # dipuq.samplers.distributed.DistContext: rank 0 writes, all ranks sample
 
     @property
     def is_main(self) -> bool:
@@ -301,7 +278,7 @@ def _load_coverage(ctx):
 
 
 def _load_dip(ctx):
-    from dipuq.dip import DipResult
+    from dipuq.dip.fit import DipResult
 
     return DipResult.load(ctx.path("dip", "dip.pt"))
 
@@ -311,7 +288,7 @@ def _load_net(ctx):
 
 
 def _load_model(ctx):
-    from dipuq.linearise import LinearisedModel
+    from dipuq.posterior.linearise import LinearisedModel
 
     cfg = ctx.config.linearise
     dip = ctx["dip"]
@@ -320,11 +297,11 @@ def _load_model(ctx):
 
 
 def _load_scale(ctx):
-    return _torch_load(ctx.path("linearise", "scale.pt"))["scale"].to(ctx.device)
+    return load_torch(ctx.path("linearise", "scale.pt"))["scale"].to(ctx.device)
 
 
 def _load_posterior(ctx):
-    from dipuq.posterior import Posterior
+    from dipuq.posterior.model import Posterior
 
     return Posterior.load(ctx.path("posterior", "posterior.pt"), ctx["model"], ctx["A"])
 
@@ -334,18 +311,18 @@ def _load_em(ctx):
 
 
 def _load_moments(ctx):
-    from dipuq.uncertainty import Moments
+    from dipuq.maps.uncertainty import Moments
 
-    return Moments.from_state_dict(_torch_load(ctx.path("sampler", "moments.pt")))
+    return Moments.from_state_dict(load_torch(ctx.path("sampler", "moments.pt")))
 
 
 def _load_extra_moments(ctx):
-    from dipuq.uncertainty import Moments
+    from dipuq.maps.uncertainty import Moments
 
     path = ctx.path("sampler", "moments_extra.pt")
     if not path.exists():
         return {}
-    return {k: Moments.from_state_dict(v) for k, v in _torch_load(path).items()}
+    return {k: Moments.from_state_dict(v) for k, v in load_torch(path).items()}
 
 
 def _load_sampling(ctx):
@@ -357,7 +334,7 @@ def _load_calibration(ctx):
 
 
 def _load_maps(ctx):
-    from dipuq.uncertainty import UncertaintyMaps
+    from dipuq.maps.uncertainty import UncertaintyMaps
 
     return UncertaintyMaps.load(ctx.path("maps", "maps.npz"))
 
@@ -455,9 +432,9 @@ def _dip_config(cfg, norm: float):
 def stage_dip(ctx: RunContext, cfg) -> dict:
     """Fit the deep image prior on the fitted angles, stopped by the held-out ones (resumes a partly
     finished fit from its own checkpoint); compare it with the FBP on the held-out projections."""
-    from dipuq.dip import run_dip
-    from dipuq.metrics import psnr
-    from dipuq.networks import UNet
+    from dipuq.dip.fit import run_dip
+    from dipuq.maps.metrics import psnr
+    from dipuq.dip.networks import UNet
 
     A, y, scan, norm = ctx["A"], ctx["y"], ctx["scan"], ctx["norm"]
     gen = ctx.gen("dip")
@@ -519,11 +496,11 @@ def _heldout_check(ctx: RunContext, dip, cfg) -> dict:
 
 def stage_linearise(ctx: RunContext, cfg) -> dict:
     """Linearise the network at θ* and estimate the g-prior scales s."""
-    from dipuq.posterior import gprior_scale
+    from dipuq.posterior.model import gprior_scale
 
     model = ctx["model"]
     scale = gprior_scale(model, ctx["A"], n_probes=cfg.diag_probes or None, generator=ctx.gen("linearise"))
-    _torch_save({"scale": scale.cpu(), "p": model.p}, ctx.path("linearise", "scale.pt"))
+    save_torch({"scale": scale.cpu(), "p": model.p}, ctx.path("linearise", "scale.pt"))
     ctx["scale"] = scale
     return {"p": model.p, "d": model.d}
 
@@ -542,7 +519,7 @@ def _sigma2(ctx: RunContext, cfg) -> tuple[float, str]:
 
 def stage_posterior(ctx: RunContext, cfg) -> dict:
     """Build the posterior (σ², g-prior) and fit g by sample-based EM."""
-    from dipuq.posterior import Posterior
+    from dipuq.posterior.model import Posterior
     from dipuq.samplers import iterate_em, make_sampler
 
     sigma2, source = _sigma2(ctx, cfg)
@@ -555,7 +532,7 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
         scfg = ctx.config.sampler
         sampler = make_sampler(scfg.method if cfg.em_sampler == "same" else cfg.em_sampler, scfg)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("posterior")))
-        from dipuq.distributed import em_hooks
+        from dipuq.samplers.distributed import em_hooks
 
         states = iterate_em(post, sampler, cfg.em_rounds, cfg.em_samples, seed=seed, rtol=cfg.em_rtol,
                             **em_hooks(ctx.dist))
@@ -591,7 +568,7 @@ def _moments_to(m, device):
 def _extra_accumulators(ctx: RunContext, post) -> dict:
     """Streams the calibration needs besides the image samples: the prior draws J̃w₀ in image space
     and, with held-out angles, the posterior samples and prior draws seen through A_H."""
-    from dipuq.uncertainty import Moments
+    from dipuq.maps.uncertainty import Moments
 
     shapes = {"prior": post.model.image_shape}
     if ctx["A_H"] is not None:
@@ -620,9 +597,9 @@ def _extra_callback(ctx: RunContext, post, seed: int, acc: dict):
 def stage_sampler(ctx: RunContext, cfg) -> dict:
     """Draw ``n_samples`` posterior samples, streaming their moments (and the prior draws' and the
     held-out projections' for the calibration); resumes batch by batch."""
-    from dipuq.distributed import allreduce_moments, sample_distributed
+    from dipuq.samplers.distributed import allreduce_moments, sample_distributed
     from dipuq.samplers import make_sampler
-    from dipuq.uncertainty import Moments
+    from dipuq.maps.uncertainty import Moments
 
     post = ctx["posterior"]
     sampler = make_sampler(cfg.method, cfg)
@@ -631,7 +608,7 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
     moments, history, done = Moments(post.model.image_shape, device=ctx.device), [], 0
     extra = _extra_accumulators(ctx, post)
     try:
-        st = _torch_load(partial) if ctx.is_main and partial.exists() else None
+        st = load_torch(partial) if ctx.is_main and partial.exists() else None
     except DipuqError:  # a damaged in-stage checkpoint costs the batches it held, nothing else
         print(f"dipuq: {partial} is unreadable (truncated or corrupt); sampling from the first chain again",
               file=sys.stderr, flush=True)
@@ -657,7 +634,7 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
             history += [{k: to_jsonable(v) for k, v in h.items()} for h in res.history]
             done = chains[-1] + 1
             if ctx.is_main:
-                _torch_save({"seed": seed, "done": done, "moments": moments.state_dict(), "history": history,
+                save_torch({"seed": seed, "done": done, "moments": moments.state_dict(), "history": history,
                              "extra": {k: m.state_dict() for k, m in extra.items()}}, partial)
             bar.update(len(chains))
     finally:
@@ -675,8 +652,8 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
                 f"are not converged and the std map is biased (sgd: too large); raise {knob} or "
                 f"sampler.precond_max_rank")
     if ctx.is_main:
-        _torch_save(moments.state_dict(), ctx.path("sampler", "moments.pt"))
-        _torch_save({k: m.state_dict() for k, m in extra.items()}, ctx.path("sampler", "moments_extra.pt"))
+        save_torch(moments.state_dict(), ctx.path("sampler", "moments.pt"))
+        save_torch({k: m.state_dict() for k, m in extra.items()}, ctx.path("sampler", "moments_extra.pt"))
         atomic_write_json(ctx.path("sampler", "sampling.json"), sampling)
         partial.unlink(missing_ok=True)
     ctx["moments"], ctx["sampling"], ctx["extra_moments"] = moments, sampling, extra
@@ -684,8 +661,8 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
 
 
 def stage_calibrate(ctx: RunContext, cfg) -> dict:
-    """Fit the variance model of the error bars on the held-out projections (:mod:`dipuq.calibration`)."""
-    from dipuq.calibration import HeldoutPredictive, calibrate
+    """Fit the variance model of the error bars on the held-out projections (:mod:`dipuq.maps.calibration`)."""
+    from dipuq.maps.calibration import HeldoutPredictive, calibrate
 
     A_H, y_H = ctx["A_H"], ctx["y_H"]
     if not cfg.enabled or A_H is None:
@@ -711,8 +688,8 @@ def stage_calibrate(ctx: RunContext, cfg) -> dict:
 
 
 def calibrated_model(calibration: dict):
-    """The fitted :class:`~dipuq.calibration.VarianceModel` of a calibrate stage's record (None: off)."""
-    from dipuq.calibration import VarianceModel
+    """The fitted :class:`~dipuq.maps.calibration.VarianceModel` of a calibrate stage's record (None: off)."""
+    from dipuq.maps.calibration import VarianceModel
 
     return VarianceModel(**calibration["parameters"]) if calibration.get("enabled") else None
 
@@ -743,7 +720,7 @@ def _sampler_residual(history: list[dict], method: str = "cg") -> float | None:
 def stage_maps(ctx: RunContext, cfg) -> dict:
     """Predictive mean (the DIP reconstruction) and std maps (calibrated when the calibrate stage ran,
     the raw linearised-posterior std beside it), in the scan's units; the top-level NPY/TIFF files."""
-    from dipuq.uncertainty import UncertaintyMaps
+    from dipuq.maps.uncertainty import UncertaintyMaps
 
     dip, moments, norm = ctx["dip"], ctx["moments"], ctx["norm"]
     model = calibrated_model(ctx["calibration"])
@@ -775,7 +752,7 @@ def stage_maps(ctx: RunContext, cfg) -> dict:
 def stage_metrics(ctx: RunContext, cfg) -> dict:
     """Metrics against the reference, inside the region every angle sees (skipped without a reference);
     the held-out checks and the calibration, which need none, are recorded either way."""
-    from dipuq.metrics import psnr, ssim, uncertainty_metrics
+    from dipuq.maps.metrics import psnr, ssim, uncertainty_metrics
 
     scan, maps = ctx["scan"], ctx["maps"]
     heldout_path = ctx.path("dip", "heldout.json")
@@ -824,8 +801,7 @@ def stage_metrics(ctx: RunContext, cfg) -> dict:
 
 def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
     """name -> (caption, matplotlib figure) for every diagnostic that applies to this run."""
-    from dipuq import viz
-
+    from dipuq.show import viz
     scan, maps, dip = ctx["scan"], ctx["maps"], ctx["dip"]
     ref = scan.reference
     out = {}
@@ -886,8 +862,7 @@ def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
 
 def stage_figures(ctx: RunContext, cfg) -> dict:
     """PNG figures in ``figures/``."""
-    from dipuq import viz
-
+    from dipuq.show import viz
     if not cfg.figures:
         return {"skipped": "output.figures = false"}
     written = {}
@@ -903,7 +878,7 @@ def _dip_unfinished(dip) -> bool:
     stopped improving (its kept iterate lies within the patience window of the end)."""
     if dip.stop_reason not in ("iterations", "time") or not dip.history.get("val"):
         return False
-    from dipuq.dip import DipConfig, validation_window
+    from dipuq.dip.fit import DipConfig, validation_window
 
     cfg = DipConfig.from_dict(dip.config)
     return dip.iterations - 1 - dip.best_iteration < validation_window(cfg, dip.best_iteration)
@@ -930,8 +905,8 @@ def _run_warnings(ctx: RunContext) -> list[str]:
 
 def stage_report(ctx: RunContext, cfg) -> dict:
     """The self-contained ``report.html``."""
-    from dipuq import viz
-    from dipuq.report import write_report
+    from dipuq.show import viz
+    from dipuq.show.report import write_report
 
     if not cfg.report:
         return {"skipped": "output.report = false"}
@@ -1093,7 +1068,7 @@ def run_pipeline(
     Parameters
     ----------
     scan : the measured scan (:class:`dipuq.data.Scan`), before ``[data]`` preprocessing
-    config : the :class:`~dipuq.config.Config` (default: all defaults)
+    config : the :class:`~dipuq.run.config.Config` (default: all defaults)
     run_dir : output folder; if it holds a run of the same request, finished stages are reused
     seed : run seed; each stage derives its own generator from it
     device : "cpu", "cuda" or "auto"
@@ -1102,7 +1077,7 @@ def run_pipeline(
     force : discard an existing run in ``run_dir`` first
     log : where stage lines go (default: stderr when ``progress``, else nowhere)
     """
-    from dipuq.distributed import init_distributed
+    from dipuq.samplers.distributed import init_distributed
 
     with init_distributed(device=device if isinstance(device, torch.device) else (device or "auto")) as dist:
         if not dist.is_main:
@@ -1253,7 +1228,7 @@ def _share_with_ranks(ctx: RunContext, todo) -> None:
     vals["scale"] = vals["scale"].to(ctx.device)
     ctx.values.update(vals)
     if post_state is not None:
-        from dipuq.posterior import Posterior
+        from dipuq.posterior.model import Posterior
 
         ctx["posterior"] = Posterior(ctx["model"], ctx["A"], post_state["y"], sigma2=post_state["sigma2"],
                                      g=post_state["g"], scale=post_state["scale"].to(ctx.device),

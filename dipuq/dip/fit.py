@@ -1,6 +1,6 @@
 """Deep image prior (DIP) reconstruction: θ* = argmin_θ ||A f(θ; z) − y||² + γ TV(f(θ; z)).
 
-A U-Net ``f(θ; z)`` (:mod:`dipuq.networks`) with a fixed input ``z`` (the FBP/FDK reconstruction by
+A U-Net ``f(θ; z)`` (:mod:`dipuq.dip.networks`) with a fixed input ``z`` (the FBP/FDK reconstruction by
 default, or fixed noise) is fitted to the projections ``y`` through the ray transform ``A`` with
 Adam. The iterate of lowest loss is kept (``theta_map``, the linearisation point of the later
 stages). The algorithm is :func:`fit_dip`, a generator of :class:`DipState`; the driver
@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dipuq._io import atomic_path
+from dipuq._io import save_torch
 from dipuq.devices import check_same_device
 from dipuq.errors import ConfigError, DataError, DipuqError, DivergenceError
-from dipuq.networks import NetworkConfig, UNet
+from dipuq.dip.networks import NetworkConfig, UNet
 
 __all__ = [
     "DipConfig",
@@ -70,10 +70,9 @@ __all__ = [
     "residual_sigma2",
     "save_checkpoint",
     "load_checkpoint",
-    "atomic_torch_save",
 ]
 
-log = logging.getLogger("dipuq.dip")
+log = logging.getLogger("dipuq.dip.fit")
 
 INPUTS = ("fbp", "noise")
 STOPS = ("none", "discrepancy", "validation")
@@ -109,7 +108,7 @@ class DipConfig:
     sigma2 : known noise variance of y (per measurement); None = estimate from y when needed
     checkpoint_every : write a checkpoint every N steps in :func:`run_dip` (0 = only at the end)
     log_every : log a line every N steps in :func:`run_dip` (0 = never)
-    network : the U-Net's :class:`~dipuq.networks.NetworkConfig`
+    network : the U-Net's :class:`~dipuq.dip.networks.NetworkConfig`
     """
 
     iterations: int = 2000
@@ -468,13 +467,6 @@ def _fit_loop(fit: _Fit, A, y: torch.Tensor) -> Iterator[DipState]:
 # ----------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------
-def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` onto ``path``."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
-
-
 def save_checkpoint(path: str | os.PathLike, state: DipState) -> Path:
     """Write everything needed to resume the fit of ``state`` (atomically)."""
     fit = state.fit
@@ -496,7 +488,7 @@ def save_checkpoint(path: str | os.PathLike, state: DipState) -> Path:
         "stop_reason": state.stop_reason,
         "elapsed_s": fit.elapsed_s,
     }
-    return atomic_torch_save(ckpt, path)
+    return save_torch(ckpt, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -587,7 +579,7 @@ class DipResult:
         d["theta_map"] = {k: v.detach().cpu() for k, v in self.theta_map.items()}
         d["recon"], d["net_input"] = self.recon.detach().cpu(), self.net_input.detach().cpu()
         d["kind"] = "dipuq.DipResult"
-        return atomic_torch_save(d, path)
+        return save_torch(d, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DipResult:

@@ -5,9 +5,9 @@ the few lines of JavaScript that drive the sliders are inline, so it can be mail
 opened offline. For each axis (axial / coronal / sagittal; a single view in 2D) a slider moves
 through at most ``n_slices`` evenly spaced slices, pre-rendered for each quantity
 (reconstruction, reference, posterior std, |error|, z-score) with the colour scales of
-:func:`dipuq.viz.display_scales` (fixed over all slices, so slices compare directly).
+:func:`dipuq.show.viz.display_scales` (fixed over all slices, so slices compare directly).
 
-Rendering goes through :mod:`dipuq.viz` (the only matplotlib user); this module writes HTML.
+Rendering goes through :mod:`dipuq.show.viz` (the only matplotlib user); this module writes HTML.
 
 Example::
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from dipuq import viz
-from dipuq.rundir import atomic_write_text, to_jsonable
+from dipuq.show import viz
+from dipuq._io import atomic_write_text, to_jsonable
 
 __all__ = ["write_report", "render_report", "METRIC_DESCRIPTIONS"]
 

@@ -37,7 +37,7 @@ import torch
 
 from dipuq.devices import check_same_device
 from dipuq.errors import DipuqError
-from dipuq.linearise import LinearisedModel
+from dipuq.posterior.linearise import LinearisedModel
 
 __all__ = ["Posterior", "gprior_scale", "gprior_diagonal"]
 
@@ -262,9 +262,9 @@ class Posterior:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`state_dict` to ``path`` atomically (temp file + rename)."""
-        from dipuq.dip import atomic_torch_save
+        from dipuq._io import save_torch
 
-        return atomic_torch_save(self.state_dict(), path)
+        return save_torch(self.state_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: LinearisedModel, A) -> Posterior:

@@ -29,7 +29,7 @@ Failures never hang silently:
 
 Example (run under ``torchrun --nproc_per_node 2``, or plainly as one process)::
 
-    >>> from dipuq.distributed import init_distributed, sample_distributed   # doctest: +SKIP
+    >>> from dipuq.samplers.distributed import init_distributed, sample_distributed   # doctest: +SKIP
     >>> with init_distributed() as dctx:                                       # doctest: +SKIP
     ...     res = sample_distributed(sampler, post, 64, seed=0, ctx=dctx)
     ...     if dctx.is_main:
@@ -53,9 +53,9 @@ import torch
 import torch.distributed as dist
 
 from dipuq.errors import DipuqError
-from dipuq.posterior import Posterior
+from dipuq.posterior.model import Posterior
 from dipuq.samplers import Sampler, SampleResult, SamplerState
-from dipuq.uncertainty import Moments
+from dipuq.maps.uncertainty import Moments
 
 __all__ = [
     "DistributedError", "DistContext", "init_distributed", "current_context", "main_only", "shard_chains",

@@ -147,7 +147,7 @@ def slice_indices(n: int, count: int) -> list[int]:
 def coverage_curve(error, std, levels=None, df: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Empirical coverage of central intervals ``x̂ ± k(p) σ`` at nominal levels p: Gaussian
     (k = Φ⁻¹((1+p)/2)) or, with ``df``, Student-t scaled to standard deviation σ."""
-    from dipuq.calibration import interval_multiplier
+    from dipuq.maps.calibration import interval_multiplier
 
     levels = np.linspace(0.05, 0.99, 48) if levels is None else np.asarray(levels, dtype=np.float64)
     e = np.abs(np.asarray(error, dtype=np.float64)).ravel()
@@ -414,7 +414,7 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write the figure as a PNG atomically and return the path."""
-    from dipuq.rundir import atomic_write_bytes
+    from dipuq._io import atomic_write_bytes
 
     return atomic_write_bytes(path, figure_png(fig, dpi))
 

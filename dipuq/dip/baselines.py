@@ -9,7 +9,7 @@ name with :func:`make_baseline` (registry :data:`BASELINES`):
 ``"sirt"``      SIRT, ``n_iter`` iterations (``dipuq.operators.recon.sirt``)
 ``"cgls"``      CGLS on the normal equations, ``n_iter`` iterations (``recon.cgls``)
 ``"tv"``        TV-regularised least squares, solved by PDHG (Chambolle–Pock)
-``"dip"``       the deep image prior (:func:`dipuq.dip.run_dip`), no uncertainty
+``"dip"``       the deep image prior (:func:`dipuq.dip.fit.run_dip`), no uncertainty
 ``"mcdo"``      DIP-MCDO: DIP with channel dropout, then K stochastic passes -> mean, std
 ``"fixed-sigma"`` DIP with a constant std map (see :class:`FixedSigmaDip`)
 ============== ======================================================================
@@ -35,9 +35,9 @@ from typing import ClassVar
 
 import torch
 
-from dipuq.dip import DipConfig, DipResult, check_projections, run_dip, tv_anisotropic
+from dipuq.dip.fit import DipConfig, DipResult, check_projections, run_dip, tv_anisotropic
 from dipuq.errors import ConfigError
-from dipuq.networks import NetworkConfig, UNet
+from dipuq.dip.networks import NetworkConfig, UNet
 
 __all__ = [
     "BaselineResult",
@@ -150,7 +150,7 @@ def gradient(x: torch.Tensor, ndim: int) -> torch.Tensor:
     """Forward differences ∇x over the last ``ndim`` axes, zero at the far edge (Neumann).
 
     Shape: ``(*lead, *vol)`` -> ``(ndim, *lead, *vol)``; ``Σ|∇x| / x.numel()`` is
-    :func:`dipuq.dip.tv_anisotropic`.
+    :func:`dipuq.dip.fit.tv_anisotropic`.
     """
     out = x.new_zeros((ndim, *x.shape))
     for a in range(ndim):
@@ -200,7 +200,7 @@ def tv_pdhg(A, y: torch.Tensor, lam: float, n_iter: int, *, nonneg: bool = True,
             objective_every: int = 0) -> Iterator[TVState]:
     """Minimise (1/m)||Ax − y||² + λ TV(x) [+ ι(x ≥ 0)] by PDHG; yields :class:`TVState`.
 
-    TV is the normalised anisotropic TV of :func:`dipuq.dip.tv_anisotropic` (same λ scale as the
+    TV is the normalised anisotropic TV of :func:`dipuq.dip.fit.tv_anisotropic` (same λ scale as the
     DIP's γ). Multiplying by m/(2L²), L = ||A||, gives the equivalent problem
     ½||Ãx − ỹ||² + μ ||∇x||₁ with Ã = A/L, ỹ = y/L, μ = λ m / (2 d L²), solved by Chambolle–Pock
     with K = [Ã; s∇], s = 1/√(4·ndim) (so ||K||² ≤ 2), and steps τ = σ = 0.99/√2. ``objective`` is
