@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq.run import pipeline
+from dipuq.run import stages
 from dipuq.cli import main
 from dipuq.data.phantoms import shepp_logan, simulate_scan
 from dipuq.geometry import Geometry
@@ -86,9 +86,9 @@ def _check_run(run, shape):
     assert 0 <= m["calibration_error"] <= 1 and m["n_samples"] == 4
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["status"] == "complete" and prov["seed"] == 0 and prov["device"] == "cpu"
-    assert set(prov["timings_s"]) == set(pipeline.STAGES)
+    assert set(prov["timings_s"]) == set(stages.STAGE_NAMES)
     assert prov["versions"]["torch"] == torch.__version__
-    for stage in pipeline.STAGES:
+    for stage in stages.STAGE_NAMES:
         assert list(run.glob(f"stages/*_{stage}/done.json")), stage
     assert not list(run.rglob(".*tmp*")), "temporary files left behind"
     html = (run / "report.html").read_text()
@@ -190,28 +190,67 @@ def test_resume_after_interrupt(scan2d, tmp_path, monkeypatch, capsys):
     np.testing.assert_array_equal(np.load(run / "std.npy"), np.load(fresh / "std.npy"))
 
 
-def test_changed_request_needs_force(scan2d, tmp_path, monkeypatch, capsys):
+def test_changed_scan_or_seed_needs_force(scan2d, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     base = ["reconstruct", str(scan2d), "--out", str(run), "--device", "cpu", "--quiet"]
-    monkeypatch.setitem(pipeline.STAGE_FUNCS, "fbp", (_interrupt, "operator"))
+    monkeypatch.setattr(stages.stage("fbp"), "run", _interrupt)
     assert main([*base, *_sets()]) == 130  # leaves a started run (scan stage done)
-    monkeypatch.undo()
     capsys.readouterr()
-    assert main([*base, *_sets(["data.angles=10"])]) == 2  # the finished scan stage reads [data]
+    # a config change is accepted and recomputes from the first stage that reads it: [data] -> the scan stage
+    assert main(["reconstruct", str(scan2d), "--out", str(run), "--device", "cpu", *_sets(["data.angles=10"])]) == 130
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "different config" in err and "data.angles: 0 -> 10" in err and "--force" in err
-    # a change that only touches stages that never finished is accepted (interrupted again at fbp)
-    monkeypatch.setitem(pipeline.STAGE_FUNCS, "fbp", (_interrupt, "operator"))
-    assert main([*base, *_sets(["dip.iterations=42"])]) == 130
+    assert "data.angles: 0 -> 10" in err and "recomputing from 'scan'" in err and "reusing" not in err
+    assert json.loads(next(run.glob("stages/*_scan/done.json")).read_text())["summary"]["projections"][0] == 10
     monkeypatch.undo()
-    assert "iterations = 42" in (run / "config.toml").read_text()
-    assert list(run.glob("stages/*_scan/done.json"))  # the finished scan stage was kept
-    assert main([*base, *_sets(), "--seed", "3"]) == 2
-    assert "seed 0 (now 3)" in capsys.readouterr().err
+    assert main([*base, *_sets(["data.angles=10"]), "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed 0 (now 3)" in err and "--force" in err
+    other = tmp_path / "other.npz"
+    g = Geometry.parallel2d(np.linspace(0, np.pi, 20, endpoint=False), (32, 32))
+    simulate_scan(shepp_logan((32, 32)) * 2, g, noise=None, name="other").save(other)
+    assert main(["reconstruct", str(other), *base[2:], *_sets(["data.angles=10"])]) == 2
+    assert "a different scan (tiny2d)" in capsys.readouterr().err
     # --force starts over (interrupt again right after the scan stage to keep this fast)
-    monkeypatch.setitem(pipeline.STAGE_FUNCS, "fbp", (_interrupt, "operator"))
+    monkeypatch.setattr(stages.stage("fbp"), "run", _interrupt)
     assert main([*base, *_sets(["dip.iterations=41"]), "--force"]) == 130
     assert "iterations = 41" in (run / "config.toml").read_text()
+
+
+def _stage_file(run, stage, name):
+    return next(run.glob(f"stages/*_{stage}/{name}"))
+
+
+def test_resume_by_dependency(scan2d, tmp_path, monkeypatch, capsys):
+    """A changed sampler key reuses the DIP fit (and gives what a fresh run with that config gives);
+    a changed DIP key recomputes from the DIP on, reusing the scan and FBP stages."""
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    base = ["reconstruct", str(scan2d), "--device", "cpu"]
+    assert main([*base, "--out", str(run), "--quiet", *_sets()]) == 0
+    dip_pt = _stage_file(run, "dip", "dip.pt").read_bytes()
+    capsys.readouterr()
+
+    def boom(*a, **kw):
+        raise AssertionError("the DIP was refitted")
+
+    monkeypatch.setattr(stages.stage("dip"), "run", boom)
+    assert main([*base, "--out", str(run), *_sets(["sampler.n_samples=6"])]) == 0
+    err = capsys.readouterr().err
+    assert "sampler.n_samples: 4 -> 6" in err
+    assert "reusing scan, fbp, dip, linearise; recomputing from 'posterior'" in err
+    assert _stage_file(run, "dip", "dip.pt").read_bytes() == dip_pt
+    monkeypatch.undo()
+    assert main([*base, "--out", str(fresh), "--quiet", *_sets(["sampler.n_samples=6"])]) == 0
+    for name in ("recon.npy", "std.npy"):  # reused stages are exactly what a fresh run computes
+        np.testing.assert_array_equal(np.load(run / name), np.load(fresh / name))
+    assert json.loads((run / "metrics.json").read_text())["n_samples"] == 6
+
+    fbp = json.loads(_stage_file(run, "fbp", "done.json").read_text())["finished"]
+    assert main([*base, "--out", str(run), *_sets(["sampler.n_samples=6", "dip.iterations=30"])]) == 0
+    err = capsys.readouterr().err
+    assert "reusing scan, fbp; recomputing from 'dip'" in err
+    assert json.loads(_stage_file(run, "dip", "done.json").read_text())["summary"]["iterations"] == 30
+    assert json.loads(_stage_file(run, "fbp", "done.json").read_text())["finished"] == fbp  # not rerun
+    assert _stage_file(run, "dip", "dip.pt").read_bytes() != dip_pt
 
 
 def _interrupt(ctx, section):

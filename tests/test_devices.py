@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq.run import pipeline
+from dipuq.run import stages
 from dipuq.cli import main
 from dipuq.data.phantoms import shepp_logan, simulate_scan
 from dipuq.devices import check_same_device, oom_error, same_device
@@ -59,7 +59,7 @@ def test_pipeline_oom_is_one_line_exit_2(scan2d, tmp_path, monkeypatch, capsys):
     def boom(ctx, cfg):
         raise torch.cuda.OutOfMemoryError(TORCH_OOM)
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCS, "linearise", (boom, "linearise"))
+    monkeypatch.setattr(stages.stage("linearise"), "run", boom)
     rc = main(["reconstruct", str(scan2d), "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu", *_sets()])
     err = capsys.readouterr().err
     assert rc == 2
@@ -108,14 +108,14 @@ def test_run_written_on_cuda_resumes_on_cpu(scan2d, tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(dip_pt, weights_only=True)
     std0 = np.load(run / "std.npy")
-    rd = RunDir(run, pipeline.STAGES)
+    rd = RunDir(run, stages.STAGE_NAMES)
     # resume at the sampler: loads the scan, DIP weights, g-prior scales and posterior checkpoints
-    for s in pipeline.STAGES[pipeline.STAGES.index("sampler"):]:
+    for s in stages.STAGE_NAMES[stages.STAGE_NAMES.index("sampler"):]:
         (rd.stage_dir(s) / rd.MARKER).unlink()
     assert main(["reconstruct", str(scan2d), "--out", str(run), "--quiet", "--device", "cpu", *_sets()]) == 0
     np.testing.assert_allclose(np.load(run / "std.npy"), std0, rtol=1e-5, atol=1e-7)
     # resume at the maps: loads the sample moments
-    for s in pipeline.STAGES[pipeline.STAGES.index("maps"):]:
+    for s in stages.STAGE_NAMES[stages.STAGE_NAMES.index("maps"):]:
         (rd.stage_dir(s) / rd.MARKER).unlink()
     assert main(["reconstruct", str(scan2d), "--out", str(run), "--quiet", "--device", "cpu", *_sets()]) == 0
     assert json.loads((run / "provenance.json").read_text())["resumed_from"] == "maps"

@@ -443,7 +443,7 @@ def test_remove_stripes_takes_out_column_offsets_and_keeps_the_object():
 
 def test_prepare_scan_applies_repeated_and_stripe_keys():
     from dipuq.run.config import load_config
-    from dipuq.run.pipeline import prepare_scan
+    from dipuq.run.stages import prepare_scan
 
     deg = np.repeat(np.arange(0.0, 180.0, 10.0), 2)  # every angle twice
     g = Geometry.parallel2d(deg, (16, 16), 24, units="deg")

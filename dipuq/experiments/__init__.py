@@ -217,7 +217,7 @@ _PIPELINE_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 def experiments_dir() -> Path:
     """The folder of named experiment configs: ``$DIPUQ_EXPERIMENTS`` or the repository's ``experiments/``."""
     env = os.environ.get("DIPUQ_EXPERIMENTS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "experiments"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "experiments"
 
 
 def list_experiments(folder: str | Path | None = None) -> dict[str, Path]:
@@ -545,22 +545,23 @@ def _share_fit(job: _Job, src: Path, dst: Path, cfg: Config) -> bool:
     Only when ``src`` finished those stages and the two configs agree on every section they
     depend on (data, operator, dip, linearise). Returns whether anything was shared.
     """
-    from dipuq.run import pipeline
+    from dipuq.run import provenance, resume
+    from dipuq.run.stages import STAGE_NAMES
     from dipuq.run.config import load_config
     from dipuq._io import atomic_write_json, atomic_write_text
     from dipuq.run.rundir import RunDir
 
-    if not src.joinpath("stages", pipeline.REQUEST_FILE).exists() or dst.joinpath("stages", pipeline.REQUEST_FILE).exists():
+    if not src.joinpath("stages", resume.REQUEST_FILE).exists() or dst.joinpath("stages", resume.REQUEST_FILE).exists():
         return False
-    src_cfg = load_config(src / pipeline.CONFIG_FILE)
+    src_cfg = load_config(src / resume.CONFIG_FILE)
     if any(getattr(src_cfg, s) != getattr(cfg, s) for s in ("data", "operator", "dip", "linearise")):
         return False
-    srun, drun = RunDir(src, pipeline.STAGES), RunDir(dst, pipeline.STAGES)
+    srun, drun = RunDir(src, STAGE_NAMES), RunDir(dst, STAGE_NAMES)
     markers = [srun.marker(s) for s in SHARED_STAGES]
     if any(m is None for m in markers) or any(srun.verify(s) is not None for s in SHARED_STAGES):
         return False  # unfinished, or its files fail their checksums: compute afresh
-    request = pipeline._request(job.scan, cfg, job.seed)
-    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+    request = provenance.request(job.scan, cfg, job.seed)
+    key = provenance.request_key(request)
     drun.create()
     for s, m in zip(SHARED_STAGES, markers):
         sd, dd = srun.stage_dir(s), drun.stage_dir(s)
@@ -569,8 +570,8 @@ def _share_fit(job: _Job, src: Path, dst: Path, cfg: Config) -> bool:
             if f.is_file() and f.name != drun.MARKER:
                 shutil.copy2(f, dd / f.name)
         drun.mark_done(s, key, seconds=m.get("seconds", 0.0), summary=m.get("summary", {}), shared_from=str(src))
-    atomic_write_text(drun.path(pipeline.CONFIG_FILE), dumps_config(cfg))
-    atomic_write_json(drun.path("stages", pipeline.REQUEST_FILE), request)  # written last: the run is now valid
+    atomic_write_text(drun.path(resume.CONFIG_FILE), dumps_config(cfg))
+    atomic_write_json(drun.path("stages", resume.REQUEST_FILE), request)  # written last: the run is now valid
     return True
 
 
@@ -798,7 +799,8 @@ def _serve_pipeline_runs(dist) -> None:
 
 
 def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> ExperimentResult:
-    from dipuq.run.pipeline import _git_commit, _versions, resolve_device, scan_digest
+    from dipuq.run.context import resolve_device
+    from dipuq.run.provenance import git_commit as _git_commit, scan_digest, versions as _versions
     from dipuq._io import atomic_save_npy, atomic_write_text
 
     seeds = spec.experiment.seeds if seeds is None else seeds

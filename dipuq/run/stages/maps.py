@@ -1,0 +1,150 @@
+"""Stages ``calibrate``, ``maps`` and ``metrics``: the variance model fitted on the held-out
+projections, the reconstruction and std volumes in the scan's units, and the metrics (against
+the reference where there is one; the held-out checks always)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from dipuq._io import atomic_save_npy, atomic_save_tiff, atomic_write_json
+from dipuq.maps.calibration import HeldoutPredictive, VarianceModel, calibrate
+from dipuq.maps.metrics import psnr, ssim, uncertainty_metrics
+from dipuq.maps.uncertainty import UncertaintyMaps
+from dipuq.run.context import RunContext, Stage
+from dipuq.run.stages.data import FULL_COVERAGE
+
+__all__ = ["CALIBRATE", "MAPS", "METRICS", "calibrated_model"]
+
+
+def stage_calibrate(ctx: RunContext, cfg) -> dict:
+    """Fit the variance model of the error bars on the held-out projections (:mod:`dipuq.maps.calibration`)."""
+    A_H, y_H = ctx["A_H"], ctx["y_H"]
+    if not cfg.enabled or A_H is None:
+        why = "calibration.enabled = false" if not cfg.enabled else "no held-out angles (data.holdout = 0)"
+        out = {"enabled": False, "reason": why}
+    else:
+        extra, post = ctx["extra_moments"], ctx["posterior"]
+        with torch.no_grad():
+            resid = (y_H - A_H(ctx["dip"].recon.to(A_H.dtype))).double().cpu().numpy()
+        groups = np.broadcast_to(np.arange(A_H.range_shape[0]).reshape(-1, *([1] * (len(A_H.range_shape) - 1))),
+                                 A_H.range_shape)
+        pred = HeldoutPredictive(resid, extra["heldout_post"].variance().cpu().numpy(),
+                                 extra["heldout_prior"].variance().cpu().numpy(), post.sigma2, groups)
+        t0 = time.perf_counter()
+        model, report = calibrate(pred, cfg.terms, cfg.noise, cfg.tails)
+        out = {"enabled": True, **report, "fit_seconds": time.perf_counter() - t0,
+               "sigma2_source": "held-out fit" if cfg.noise == "fit" else ctx["em"].get("sigma2_source")}
+    if ctx.is_main:
+        atomic_write_json(ctx.path("calibrate", "calibration.json"), out)
+    ctx["calibration"] = out
+    keep = ("enabled", "reason", "model", "heldout_log_likelihood_raw", "heldout_log_likelihood_cv")
+    return {k: out[k] for k in keep if k in out} | ({"scale": out["parameters"]["scale"]} if out.get("enabled") else {})
+
+
+def calibrated_model(calibration: dict):
+    """The fitted :class:`~dipuq.maps.calibration.VarianceModel` of a calibrate stage's record (None: off)."""
+    return VarianceModel(**calibration["parameters"]) if calibration.get("enabled") else None
+
+
+def stage_maps(ctx: RunContext, cfg) -> dict:
+    """Predictive mean (the DIP reconstruction) and std maps (calibrated when the calibrate stage ran,
+    the raw linearised-posterior std beside it), in the scan's units; the top-level NPY/TIFF files."""
+    dip, moments, norm = ctx["dip"], ctx["moments"], ctx["norm"]
+    model = calibrated_model(ctx["calibration"])
+    raw_var = moments.variance()
+    std_raw = raw_var.clamp_min(0).sqrt() * norm
+    meta = {"mean": "dip reconstruction f(theta*)", "norm": norm, "df": None, "calibrated": model is not None}
+    if model is not None:
+        prior = ctx["extra_moments"]["prior"].variance()
+        std = model.image_variance(raw_var, prior).clamp_min(0).sqrt() * norm
+        meta.update(df=model.df, calibration=model.to_dict())
+    else:
+        std = std_raw
+    se = moments.std_se() * norm * (std / std_raw.clamp_min(1e-30))  # MC error of the raw std, carried by the model
+    maps = UncertaintyMaps(mean=(dip.recon * norm).detach().cpu().numpy().reshape(moments.shape),
+                           std=std.cpu().numpy(), std_se=se.cpu().numpy(), n_samples=moments.n, meta=meta)
+    maps.save(ctx.path("maps", "maps.npz"))
+    recon, std32 = maps.mean.astype(np.float32), maps.std.astype(np.float32)
+    atomic_save_npy(ctx.run.path("recon.npy"), recon)
+    atomic_save_npy(ctx.run.path("std.npy"), std32)
+    atomic_save_npy(ctx.run.path("std_raw.npy"), std_raw.cpu().numpy().astype(np.float32))
+    if cfg.tiff:
+        vs = ctx["scan"].geometry.voxel_size
+        atomic_save_tiff(ctx.run.path("recon.tif"), recon, voxel_size=vs)
+        atomic_save_tiff(ctx.run.path("std.tif"), std32, voxel_size=vs)
+    ctx["maps"] = maps
+    return {"shape": list(recon.shape), "mean_std": float(std32.mean()), "mean_std_raw": float(std_raw.mean())}
+
+
+def stage_metrics(ctx: RunContext, cfg) -> dict:
+    """Metrics against the reference, inside the region every angle sees (skipped without a reference);
+    the held-out checks and the calibration, which need none, are recorded either way."""
+    scan, maps = ctx["scan"], ctx["maps"]
+    heldout_path = ctx.path("dip", "heldout.json")
+    heldout = json.loads(heldout_path.read_text()) if heldout_path.exists() else {}
+    cal = ctx["calibration"]
+    m: dict[str, Any] = {}
+    if scan.reference is not None:
+        ref = scan.reference
+        mask = ctx["coverage"] >= FULL_COVERAGE
+        m = uncertainty_metrics(ref, maps.mean, maps.std, mask=mask, df=maps.meta.get("df"))
+        fbp = ctx["fbp"].cpu().numpy()
+        m["fbp_psnr"] = psnr(fbp[mask], ref[mask], data_range=float(ref[mask].max() - ref[mask].min()))
+        if "ssim" in m:
+            m["fbp_ssim"] = ssim(fbp, ref)
+        err = (maps.mean.astype(np.float64) - ref)[mask]
+        m["rmse"] = float(np.sqrt(np.mean(err ** 2)))
+        m["mean_std"] = float(maps.std[mask].mean())
+        m["mean_abs_error"] = float(np.abs(err).mean())
+        if maps.meta.get("calibrated"):
+            raw = uncertainty_metrics(ref, maps.mean, np.load(ctx.run.path("std_raw.npy")), mask=mask)
+            m.update({f"raw_{k}": raw[k] for k in ("log_likelihood", "coverage_90", "calibration_error",
+                                                   "spearman_std_abs_error")})
+        m["covered_fraction"] = float(mask.mean())
+    if maps.std_se is not None:
+        m["std_mc_rel_error"] = float(np.mean(maps.std_se / np.maximum(maps.std, 1e-30)))
+    m["n_samples"] = int(maps.n_samples)
+    residual = ctx["sampling"].get("final_relative_residual")
+    if residual is not None:
+        m["sampler_relative_residual"] = float(residual)
+    m.update({k: heldout[k] for k in ("heldout_mse_dip", "heldout_mse_fbp", "fbp_wins") if k in heldout})
+    if cal.get("enabled"):
+        m.update({"calibration_model": cal["model"], "calibration_scale": cal["parameters"]["scale"],
+                  "calibration_df": cal["parameters"]["df"],
+                  "heldout_log_likelihood_raw": cal["heldout_log_likelihood_raw"],
+                  "heldout_log_likelihood_cv": cal["heldout_log_likelihood_cv"]})
+        lv = cal["levels"]
+        i90 = min(range(len(lv)), key=lambda i: abs(lv[i] - 0.9))
+        m["heldout_coverage_90_raw"] = cal["coverage_raw"][i90]
+        m["heldout_coverage_90"] = cal["coverage_calibrated"][i90]
+    dip = ctx["dip"]
+    m.update(dip_iterations=dip.iterations, dip_best_iteration=dip.best_iteration, dip_stop_reason=dip.stop_reason)
+    atomic_write_json(ctx.run.path("metrics.json"), m)
+    ctx["metrics"] = m
+    return {k: m[k] for k in ("psnr", "coverage_90", "calibration_error", "heldout_coverage_90", "fbp_wins") if k in m}
+
+
+def _load_calibration(ctx):
+    return json.loads(ctx.path("calibrate", "calibration.json").read_text())
+
+
+def _load_maps(ctx):
+    return UncertaintyMaps.load(ctx.path("maps", "maps.npz"))
+
+
+def _load_metrics(ctx):
+    p = ctx.run.path("metrics.json")
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+CALIBRATE = Stage("calibrate", "calibrate: fitting the error bars to the held-out projections", stage_calibrate,
+                  "calibration", outputs={"calibration": _load_calibration})
+MAPS = Stage("maps", "maps: reconstruction and std volumes (NPY, TIFF)", stage_maps, "output",
+             outputs={"maps": _load_maps})
+METRICS = Stage("metrics", "metrics: comparison with the reference", stage_metrics, "output",
+                outputs={"metrics": _load_metrics})
