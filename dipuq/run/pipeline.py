@@ -48,6 +48,7 @@ from dipuq import __version__, seeds
 from dipuq.run.config import Config, config_digest, config_to_dict, diff_configs, dumps_config, load_config
 from dipuq.data.scan import Scan
 from dipuq.errors import ConfigError, DipuqError, GPUUnavailableError
+from dipuq.posterior.noise import decide_sigma2
 from dipuq._io import atomic_path, atomic_save_npy, atomic_save_tiff, atomic_write_json, atomic_write_text, load_torch, save_torch, to_jsonable
 from dipuq.run.rundir import RunDir, RunLock
 
@@ -278,7 +279,7 @@ def _load_coverage(ctx):
 
 
 def _load_dip(ctx):
-    from dipuq.dip.fit import DipResult
+    from dipuq.dip.driver import DipResult
 
     return DipResult.load(ctx.path("dip", "dip.pt"))
 
@@ -432,7 +433,7 @@ def _dip_config(cfg, norm: float):
 def stage_dip(ctx: RunContext, cfg) -> dict:
     """Fit the deep image prior on the fitted angles, stopped by the held-out ones (resumes a partly
     finished fit from its own checkpoint); compare it with the FBP on the held-out projections."""
-    from dipuq.dip.fit import run_dip
+    from dipuq.dip.driver import run_dip
     from dipuq.maps.metrics import psnr
     from dipuq.dip.networks import UNet
 
@@ -470,7 +471,7 @@ def stage_dip(ctx: RunContext, cfg) -> dict:
                 f"{result.iterations}): the fit may be unfinished")
     atomic_write_json(ctx.path("dip", "heldout.json"), check)
     return {"iterations": result.iterations, "best_iteration": result.best_iteration, "stop_reason": result.stop_reason,
-            "residual_sigma2": result.sigma2, **{k: v for k, v in check.items() if k != "message"}}
+            "residual_sigma2": result.residual_sigma2, **{k: v for k, v in check.items() if k != "message"}}
 
 
 def _heldout_check(ctx: RunContext, dip, cfg) -> dict:
@@ -496,7 +497,7 @@ def _heldout_check(ctx: RunContext, dip, cfg) -> dict:
 
 def stage_linearise(ctx: RunContext, cfg) -> dict:
     """Linearise the network at θ* and estimate the g-prior scales s."""
-    from dipuq.posterior.model import gprior_scale
+    from dipuq.posterior.gprior import gprior_scale
 
     model = ctx["model"]
     scale = gprior_scale(model, ctx["A"], n_probes=cfg.diag_probes or None, generator=ctx.gen("linearise"))
@@ -507,14 +508,7 @@ def stage_linearise(ctx: RunContext, cfg) -> dict:
 
 def _sigma2(ctx: RunContext, cfg) -> tuple[float, str]:
     """σ² of the fitted projections in fit units (the scan's units / norm²), and where it came from."""
-    scan, norm = ctx["scan"], ctx["norm"]
-    if cfg.sigma2 > 0:
-        return cfg.sigma2 / norm**2, "config"
-    if cfg.noise in ("auto", "scan") and scan.noise_std:
-        return (float(scan.noise_std) / norm) ** 2, "scan"
-    if cfg.noise == "scan":
-        raise ConfigError("posterior.noise = 'scan' but the scan records no noise_std; use 'residual' or set posterior.sigma2")
-    return float(ctx["dip"].sigma2), "residual"
+    return decide_sigma2(cfg, residual=ctx["dip"].residual_sigma2, noise_std=ctx["scan"].noise_std, norm=ctx["norm"])
 
 
 def stage_posterior(ctx: RunContext, cfg) -> dict:
