@@ -50,18 +50,19 @@ def build_operator(n: int, n_angles: int):
 
 
 def fit_dip(A, y, n, iters, gen):
-    """DIP fit with dipuq.dip.fit if available, else plain Adam on ||A f(θ) − y||²; returns (net, z, secs)."""
+    """DIP fit with dipuq.dip.driver.run_dip if available, else plain Adam on ||A f(θ) − y||²; returns (net, z, secs)."""
     from dipuq.dip.networks import UNet
 
     net = UNet(ndim=2, scales=3, channels=(8, 16, 16), skip_channels=2, groupnorm=4, generator=gen)
     t0 = time.perf_counter()
     try:
-        from dipuq.dip.fit import DipConfig, run_dip
+        from dipuq.dip.driver import run_dip
+        from dipuq.dip.fit import DipConfig
 
         res = run_dip(net, A, y, DipConfig(iterations=iters, lr=1e-2, gamma=1e-4), generator=gen)
         net = res.build_net()
         z = res.net_input
-        how = "dipuq.dip.fit.run_dip"
+        how = "dipuq.dip.driver.run_dip"
     except Exception as exc:  # noqa: BLE001
         z = torch.randn(1, 1, n, n, generator=gen) * 0.1
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)

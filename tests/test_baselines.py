@@ -146,7 +146,7 @@ def test_fixed_sigma_dip(sparse2d):
     dip = res.meta["dip"]
     # other probes (the fit consumed the generator): Hutchinson over 16 probes of a 564 × 1024 ray
     # transform with many comparable singular values; measured relative difference 5e-5
-    assert c == pytest.approx(noise_equivalent_std(A, dip.sigma2, generator=torch.Generator().manual_seed(0)), rel=1e-2)
+    assert c == pytest.approx(noise_equivalent_std(A, dip.residual_sigma2, generator=torch.Generator().manual_seed(0)), rel=1e-2)
     assert FixedSigmaDip(cfg, sigma=0.1).reconstruct(A, y, result=dip).std.max() == pytest.approx(0.1)
     assert oracle_constant_std(res.recon, x) == pytest.approx(float((res.recon - x).square().mean().sqrt()))
 

@@ -166,11 +166,11 @@ def test_resume_after_interrupt(scan2d, tmp_path, monkeypatch, capsys):
     def boom(*a, **kw):
         raise AssertionError("a finished stage was recomputed")
 
-    import dipuq.dip.fit
-    import dipuq.posterior.model
+    import dipuq.dip.driver
+    import dipuq.posterior.gprior
 
-    monkeypatch.setattr(dipuq.dip.fit, "run_dip", boom)
-    monkeypatch.setattr(dipuq.posterior.model, "gprior_scale", boom)
+    monkeypatch.setattr(dipuq.dip.driver, "run_dip", boom)
+    monkeypatch.setattr(dipuq.posterior.gprior, "gprior_scale", boom)
     monkeypatch.setattr(samplers, "iterate_em", boom)
     batches.clear()
     interrupt[0] = False

@@ -7,18 +7,9 @@ import pytest
 import torch
 
 from dipuq.data.phantoms import shepp_logan, simulate_scan
-from dipuq.dip.fit import (
-    DipConfig,
-    DipResult,
-    estimate_noise_sigma2,
-    fit_dip,
-    load_checkpoint,
-    make_input,
-    residual_sigma2,
-    run_dip,
-    save_checkpoint,
-    tv_anisotropic,
-)
+from dipuq.dip.checkpoint import load_checkpoint, save_checkpoint
+from dipuq.dip.driver import DipResult, run_dip
+from dipuq.dip.fit import DipConfig, estimate_noise_sigma2, fit_dip, make_input, residual_sigma2, tv_anisotropic
 from dipuq.errors import ConfigError, DataError, DipuqError
 from dipuq.geometry import Geometry
 from dipuq.dip.networks import NetworkConfig, UNet
@@ -95,7 +86,7 @@ def test_3d_fit_reduces_misfit():
     # measured: misfit reduced 42x / 73x / 116x in 100 steps for net seeds 1 / 2 / 3; require 20x
     assert h[0] / min(h) > 20, (h[0], min(h))
     assert res.recon.shape == (16, 16, 16)
-    assert res.sigma2 == pytest.approx(residual_sigma2(A, res.recon, y), rel=1e-6)
+    assert res.residual_sigma2 == pytest.approx(residual_sigma2(A, res.recon, y), rel=1e-6)
 
 
 def test_same_seed_same_output(tiny2d):
@@ -104,7 +95,7 @@ def test_same_seed_same_output(tiny2d):
     _, b = _fit(A, y, _cfg())
     _, c = _fit(A, y, _cfg(), seed=2)
     assert torch.equal(a.recon, b.recon) and a.history == b.history
-    assert all(torch.equal(a.theta_map[k], b.theta_map[k]) for k in a.theta_map)
+    assert all(torch.equal(a.net_state[k], b.net_state[k]) for k in a.net_state)
     assert not torch.equal(a.recon, c.recon)
 
 
@@ -142,7 +133,7 @@ def test_resume_equals_uninterrupted(tiny2d, tmp_path):
     net = UNet.from_config(cfg.network, 2, generator=torch.Generator().manual_seed(99))
     resumed = run_dip(net, A, y, cfg, generator=torch.Generator().manual_seed(99), checkpoint=ck)
     assert resumed.iterations == full.iterations == 20
-    assert all(torch.equal(full.theta_map[k], resumed.theta_map[k]) for k in full.theta_map)
+    assert all(torch.equal(full.net_state[k], resumed.net_state[k]) for k in full.net_state)
     assert torch.equal(full.recon, resumed.recon)
     assert full.history == resumed.history and full.best_iteration == resumed.best_iteration
     # the checkpoint now holds the finished fit: running again returns the same result at once
@@ -184,11 +175,16 @@ def test_result_round_trip(tiny2d, tmp_path):
     path = res.save(tmp_path / "dip.pt")
     back = DipResult.load(path)
     assert torch.equal(back.recon, res.recon) and torch.equal(back.net_input, res.net_input)
-    assert back.history == res.history and back.sigma2 == res.sigma2 and back.config == res.config
+    assert back.history == res.history and back.residual_sigma2 == res.residual_sigma2 and back.config == res.config
     assert back.best_iteration == res.best_iteration and back.timings == res.timings
     rebuilt = back.build_net()
     with torch.no_grad():
         assert torch.allclose(rebuilt(back.net_input)[0, 0], res.recon, atol=1e-6)  # same θ*, same input
+    old = torch.load(path, weights_only=True)
+    old["kind"] = "dipuq.DipResult"  # format 1 named the network state theta_map
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(DipuqError, match="older dipuq"):
+        DipResult.load(tmp_path / "old.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DipuqError, match="cannot read"):
         DipResult.load(tmp_path / "junk.pt")
@@ -254,7 +250,7 @@ def test_callbacks_progress_and_logging(tiny2d, caplog):
         seen.append(state.iteration)
         return state.iteration == 3
 
-    with caplog.at_level("INFO", logger="dipuq.dip.fit"):
+    with caplog.at_level("INFO", logger="dipuq.dip"):
         _, res = _fit(A, y, _cfg(iterations=10, log_every=2), callbacks=[stop_at_3], progress=True)
     assert seen == [0, 1, 2, 3] and res.stop_reason == "callback" and res.iterations == 4
     assert sum("DIP it" in r.message for r in caplog.records) == 2  # iterations 1 and 3

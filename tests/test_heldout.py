@@ -15,7 +15,8 @@ from dipuq.cli import main
 from dipuq.run.config import load_config
 from dipuq.data.phantoms import shepp_logan, simulate_scan
 from dipuq.data.split import ProjectionSplit, angle_groups
-from dipuq.dip.fit import DipConfig, run_dip
+from dipuq.dip.driver import run_dip
+from dipuq.dip.fit import DipConfig
 from dipuq.errors import ConfigError
 from dipuq.geometry import Geometry
 from dipuq.dip.networks import NetworkConfig, UNet

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from dipuq.errors import DipuqError
-from dipuq.posterior.linearise import LinearisedModel, conv_param_names
+from dipuq.dip.networks import conv_weight_names
+from dipuq.posterior.gprior import gprior_diagonal, gprior_scale
+from dipuq.posterior.linearise import LinearisedModel
 from dipuq.operators.base import MatrixOperator
-from dipuq.posterior.model import gprior_diagonal, gprior_scale
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,11 +38,22 @@ def _model(dtype=torch.float32, n=8, **kw):
 
 def test_only_conv_weights_are_linearised():
     model = _model()
-    names = conv_param_names(model.net)
+    names = conv_weight_names(model.net)
     assert model.param_names == names == ["0.weight", "3.weight", "6.weight"]
     assert model.p == 8 * 9 + 8 * 8 * 9 + 8
     assert model.image_shape == (8, 8)
     torch.testing.assert_close(model.mean, model.net(model.net_input)[0, 0].detach())
+
+
+def test_transposed_convolutions_are_linearised():
+    # up-sampling by ConvTranspose2d: its weights shape the output and are part of θ
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2, padding=1), torch.nn.SiLU(),
+                              torch.nn.ConvTranspose2d(4, 1, 2, stride=2))
+    model = LinearisedModel(net, torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert model.param_names == ["0.weight", "2.weight"] and model.p == 4 * 9 + 4 * 4
+    v = torch.zeros(model.p)
+    v[4 * 9:] = 1.0  # a direction in the ConvTranspose weights only
+    assert model.jvp(v).abs().max() > 0
 
 
 def test_adjoint_identity_batched():

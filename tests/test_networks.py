@@ -54,6 +54,14 @@ def test_conv_weight_names():
     assert count_parameters(net, names) < count_parameters(net)
 
 
+def test_conv_weight_names_include_transposed_convolutions():
+    # a ConvTranspose layer is a conv layer with its own weights: the linearisation perturbs them
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4),
+                              torch.nn.ConvTranspose2d(4, 2, 2, stride=2), torch.nn.Conv3d(2, 1, 1, bias=False))
+    assert conv_weight_names(net) == ["0.weight", "2.weight", "3.weight"]
+    assert conv_weight_names(torch.nn.ConvTranspose1d(1, 1, 3)) == ["weight"]
+
+
 def test_same_generator_same_weights():
     a, b = _net(2), _net(2)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):

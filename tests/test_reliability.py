@@ -271,9 +271,9 @@ def test_failed_run_rerun_with_corrected_config(scan_path, tmp_path, monkeypatch
     def boom(*a, **kw):
         raise AssertionError("a finished stage was recomputed")
 
-    import dipuq.dip.fit
+    import dipuq.dip.driver
     from dipuq import samplers
-    monkeypatch.setattr(dipuq.dip.fit, "run_dip", boom)
+    monkeypatch.setattr(dipuq.dip.driver, "run_dip", boom)
     monkeypatch.setattr(samplers.Sampler, "sample", boom)
     assert main(_argv(scan_path, run, "--set", "output.tiff=false")) == 0
     assert (run / "std.npy").is_file() and not (run / "std.tif").exists()

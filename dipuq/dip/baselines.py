@@ -9,7 +9,7 @@ name with :func:`make_baseline` (registry :data:`BASELINES`):
 ``"sirt"``      SIRT, ``n_iter`` iterations (``dipuq.operators.recon.sirt``)
 ``"cgls"``      CGLS on the normal equations, ``n_iter`` iterations (``recon.cgls``)
 ``"tv"``        TV-regularised least squares, solved by PDHG (Chambolle–Pock)
-``"dip"``       the deep image prior (:func:`dipuq.dip.fit.run_dip`), no uncertainty
+``"dip"``       the deep image prior (:func:`dipuq.dip.driver.run_dip`), no uncertainty
 ``"mcdo"``      DIP-MCDO: DIP with channel dropout, then K stochastic passes -> mean, std
 ``"fixed-sigma"`` DIP with a constant std map (see :class:`FixedSigmaDip`)
 ============== ======================================================================
@@ -35,9 +35,11 @@ from typing import ClassVar
 
 import torch
 
-from dipuq.dip.fit import DipConfig, DipResult, check_projections, run_dip, tv_anisotropic
-from dipuq.errors import ConfigError
+from dipuq.dip.driver import DipResult, run_dip
+from dipuq.dip.fit import DipConfig, check_projections, tv_anisotropic
 from dipuq.dip.networks import NetworkConfig, UNet
+from dipuq.errors import ConfigError
+from dipuq.operators import recon
 
 __all__ = [
     "BaselineResult",
@@ -86,14 +88,6 @@ class Baseline:
 _validate = check_projections
 
 
-def _recon_module():
-    try:
-        from dipuq.operators import recon
-    except ImportError as exc:  # pragma: no cover - depends on the operators stage
-        raise ConfigError(f"dipuq.operators.recon is unavailable: {exc}") from None
-    return recon
-
-
 # ----------------------------------------------------------------------------------------
 # classical
 # ----------------------------------------------------------------------------------------
@@ -105,7 +99,7 @@ class Analytic(Baseline):
 
     def reconstruct(self, A, y, *, generator=None, x_input=None) -> BaselineResult:
         y = _validate(A, y)
-        return BaselineResult(self.name, _recon_module().analytic(A, y).reshape(A.domain_shape))
+        return BaselineResult(self.name, recon.analytic(A, y).reshape(A.domain_shape))
 
 
 @dataclass
@@ -120,7 +114,7 @@ class SIRT(Baseline):
 
     def reconstruct(self, A, y, *, generator=None, x_input=None) -> BaselineResult:
         y = _validate(A, y)
-        return BaselineResult(self.name, _recon_module().sirt(A, y, self.n_iter).reshape(A.domain_shape))
+        return BaselineResult(self.name, recon.sirt(A, y, self.n_iter).reshape(A.domain_shape))
 
 
 @dataclass
@@ -135,7 +129,7 @@ class CGLS(Baseline):
 
     def reconstruct(self, A, y, *, generator=None, x_input=None) -> BaselineResult:
         y = _validate(A, y)
-        return BaselineResult(self.name, _recon_module().cgls(A, y, self.n_iter).reshape(A.domain_shape))
+        return BaselineResult(self.name, recon.cgls(A, y, self.n_iter).reshape(A.domain_shape))
 
 
 def _positive_int(v, what):
@@ -354,7 +348,7 @@ class FixedSigmaDip(Baseline):
     """DIP with a constant std map, the homoscedastic uncertainty baseline.
 
     ``sigma = "noise"``: the noise-equivalent image std :func:`noise_equivalent_std` with the
-    DIP's residual estimate σ² (``DipResult.sigma2``) — the std of white image noise that would
+    DIP's residual estimate σ² (``DipResult.residual_sigma2``) — the std of white image noise that would
     explain the measured data misfit. A float: that constant. For the oracle constant
     (RMS error against a reference) use :func:`oracle_constant_std` in the experiment.
     """
@@ -371,7 +365,7 @@ class FixedSigmaDip(Baseline):
 
     def std_from(self, A, result: DipResult, generator: torch.Generator | None = None) -> float:
         if isinstance(self.sigma, str):
-            return noise_equivalent_std(A, result.sigma2, generator=generator)
+            return noise_equivalent_std(A, result.residual_sigma2, generator=generator)
         return float(self.sigma)
 
     def reconstruct(self, A, y, *, generator=None, x_input=None, result: DipResult | None = None) -> BaselineResult:

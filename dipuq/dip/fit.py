@@ -2,9 +2,10 @@
 
 A U-Net ``f(θ; z)`` (:mod:`dipuq.dip.networks`) with a fixed input ``z`` (the FBP/FDK reconstruction by
 default, or fixed noise) is fitted to the projections ``y`` through the ray transform ``A`` with
-Adam. The iterate of lowest loss is kept (``theta_map``, the linearisation point of the later
-stages). The algorithm is :func:`fit_dip`, a generator of :class:`DipState`; the driver
-:func:`run_dip` consumes it and attaches the progress bar, logging, checkpoints and callbacks.
+Adam. The iterate of lowest loss is kept (θ*, the linearisation point of the later stages). The
+algorithm is :func:`fit_dip`, a generator of :class:`DipState`; the driver
+:func:`dipuq.dip.driver.run_dip` consumes it and attaches the progress bar, logging, checkpoints
+(:mod:`dipuq.dip.checkpoint`) and callbacks.
 
 Loss normalisation (so that γ does not depend on the number of measurements or voxels)::
 
@@ -15,18 +16,17 @@ i.e. the data term is the mean squared error per measurement (m = number of meas
 TV term the mean absolute finite difference per voxel (d = number of voxels), summed over the 2 or
 3 axes. Multiply γ by ``m / d`` to compare with the unnormalised form ``||Ax−y||² + γ' Σ|∇x|``.
 
-Stopping: after ``cfg.iterations`` Adam steps, or (``cfg.stop = "discrepancy"``) as soon as the
-discrepancy principle holds, ``||A f − y||² ≤ τ m σ²`` (equivalently misfit ≤ τ σ²), with σ² from
-``cfg.sigma2`` or, when that is None, estimated from ``y`` by :func:`estimate_noise_sigma2`.
-
-The noise variance handed to the posterior (``DipResult.sigma2``) is the residual estimate
-``||A f(θ*) − y||² / (m − dof)`` (:func:`residual_sigma2`), with ``dof = 0`` by default: the DIP's
-effective number of degrees of freedom is unknown until the linearised model is built (there it is
-the effective dimension γ̂ of DESIGN §2), and ``m − p`` is meaningless for an over-parameterised
-network (p > m). The posterior stage can re-estimate with ``dof = γ̂``.
+Stopping: after ``cfg.iterations`` Adam steps, once the held-out loss stops improving
+(``cfg.stop = "validation"``), or (``cfg.stop = "discrepancy"``) as soon as the discrepancy
+principle holds, ``||A f − y||² ≤ τ m σ²`` (equivalently misfit ≤ τ σ²). The target σ² is an
+input of the fit, not the posterior's σ² (which does not exist yet): ``cfg.sigma2``, the known noise
+variance the user sets as ``dip.sigma2`` (the pipeline divides it by norm² into fit units), or, when
+that is None, the estimate from ``y`` alone by :func:`estimate_noise_sigma2`.
 
 Example::
 
+    >>> import torch
+    >>> from dipuq.dip.networks import NetworkConfig, UNet
     >>> from dipuq.operators import MatrixOperator
     >>> g = torch.Generator().manual_seed(0)
     >>> A = MatrixOperator(torch.randn(40, 64, generator=g) / 8, (8, 8), (40,))
@@ -34,51 +34,45 @@ Example::
     >>> cfg = DipConfig(iterations=50, lr=3e-3, gamma=1e-2,
     ...                 network=NetworkConfig(scales=2, channels=4, skip_channels=1))
     >>> net = UNet.from_config(cfg.network, ndim=2, generator=g)
-    >>> result = run_dip(net, A, y, cfg, generator=g)          # z = scaled Aᵀy (no geometry)
-    >>> result.recon.shape
-    torch.Size([8, 8])
+    >>> z = make_input(A, y, cfg)                              # scaled Aᵀy (no geometry)
+    >>> states = list(fit_dip(net, A, y, z, cfg, g))
+    >>> len(states), states[-1].recon.shape
+    (50, torch.Size([8, 8]))
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from dipuq._io import save_torch
 from dipuq.devices import check_same_device
+from dipuq.dip.checkpoint import restore
+from dipuq.dip.networks import NetworkConfig, UNet, config_from_dict
 from dipuq.errors import ConfigError, DataError, DipuqError, DivergenceError
-from dipuq.dip.networks import NetworkConfig, UNet
+from dipuq.operators import recon
 
 __all__ = [
     "DipConfig",
     "DipState",
-    "DipResult",
+    "FitHandle",
     "fit_dip",
-    "run_dip",
     "make_input",
+    "check_projections",
+    "check_fit_inputs",
     "tv_anisotropic",
+    "validation_window",
     "estimate_noise_sigma2",
     "residual_sigma2",
-    "save_checkpoint",
-    "load_checkpoint",
 ]
-
-log = logging.getLogger("dipuq.dip.fit")
 
 INPUTS = ("fbp", "noise")
 STOPS = ("none", "discrepancy", "validation")
-_CHECKPOINT_VERSION = 1
-# config fields that may change between an interrupted fit and its resumption
-_RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "log_every", "max_seconds")
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,9 +99,12 @@ class DipConfig:
     fallback : what a run does when the FBP/FDK explains the held-out projections better than the
         DIP: ``"warn"`` (say so in the log, metrics.json and the report) or ``"error"`` (stop)
     tau : discrepancy factor τ (≥ 1 is the classical choice; 1.0 default)
-    sigma2 : known noise variance of y (per measurement); None = estimate from y when needed
-    checkpoint_every : write a checkpoint every N steps in :func:`run_dip` (0 = only at the end)
-    log_every : log a line every N steps in :func:`run_dip` (0 = never)
+    sigma2 : target of the discrepancy stop: the known noise variance of y per measurement, given
+        by the user (``dip.sigma2``); None = estimate it from y (:func:`estimate_noise_sigma2`)
+        when ``stop = "discrepancy"``. Not the posterior's σ² (:mod:`dipuq.posterior.noise`)
+    checkpoint_every : write a checkpoint every N steps in :func:`~dipuq.dip.driver.run_dip` (0 =
+        only at the end)
+    log_every : log a line every N steps in :func:`~dipuq.dip.driver.run_dip` (0 = never)
     network : the U-Net's :class:`~dipuq.dip.networks.NetworkConfig`
     """
 
@@ -166,15 +163,9 @@ class DipConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DipConfig:
-        """Build from a plain dict (e.g. a config file section); unknown keys are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown dip config keys {unknown}; allowed: {sorted(names)}")
-        d = dict(d)
-        if "network" in d and isinstance(d["network"], dict):
-            d["network"] = NetworkConfig.from_dict(d["network"])
-        return cls(**d)
+        """Build from a plain dict (e.g. a config file section); unknown keys are errors (a
+        ``network`` dict becomes a :class:`NetworkConfig` in ``__post_init__``)."""
+        return config_from_dict(cls, d, "dip")
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,7 +200,11 @@ def estimate_noise_sigma2(y: torch.Tensor) -> float:
 
 
 def residual_sigma2(A, x: torch.Tensor, y: torch.Tensor, dof: float = 0.0) -> float:
-    """Residual noise-variance estimate σ² = ||A x − y||² / (m − dof)."""
+    """Residual noise-variance estimate σ² = ||A x − y||² / (m − dof).
+
+    At the DIP fit (``DipResult.residual_sigma2``) it is one candidate for the posterior's σ²,
+    chosen or not by :func:`dipuq.posterior.noise.decide_sigma2`.
+    """
     m = y.numel()
     if not 0 <= dof < m:
         raise DipuqError(f"degrees of freedom must be in [0, m={m}), got {dof}")
@@ -233,8 +228,6 @@ def make_input(A, y: torch.Tensor, cfg: DipConfig, generator: torch.Generator | 
         return (cfg.input_noise_std * z).to(A.device)
     with torch.no_grad():
         if getattr(A, "geometry", None) is not None:
-            from dipuq.operators import recon
-
             x = recon.analytic(A, y)
         else:
             bp = A.T(y)
@@ -248,7 +241,7 @@ def make_input(A, y: torch.Tensor, cfg: DipConfig, generator: torch.Generator | 
 # the algorithm
 # ----------------------------------------------------------------------------------------
 @dataclass
-class _Fit:
+class FitHandle:
     """Mutable bookkeeping of one DIP fit, shared by the states it yields (the "handle")."""
 
     net: UNet
@@ -285,7 +278,7 @@ class DipState:
     best_loss: float
     best_iteration: int
     recon: torch.Tensor
-    fit: _Fit
+    fit: FitHandle
     stop_reason: str | None = None
 
     @property
@@ -316,7 +309,9 @@ def check_projections(A, y) -> torch.Tensor:
     return y
 
 
-def _check_inputs(net: UNet, A, y: torch.Tensor, x_input: torch.Tensor | None):
+def check_fit_inputs(net: UNet, A, y: torch.Tensor, x_input: torch.Tensor | None):
+    """``(y, x_input)`` checked against the network and operator and moved to A's dtype/device;
+    ``x_input`` may be None (then returned as None) or of shape ``A.domain_shape``."""
     dom = tuple(A.domain_shape)
     y = check_projections(A, y)
     if getattr(net, "ndim", len(dom)) != len(dom):
@@ -359,7 +354,7 @@ def fit_dip(
     x_input : network input z, shape ``(1, in_ch, *A.domain_shape)`` or ``A.domain_shape``
     cfg : :class:`DipConfig`
     generator : randomness of the fit (dropout masks when the net has dropout layers)
-    resume : a checkpoint dict from :func:`load_checkpoint`; restores weights, Adam state,
+    resume : a checkpoint dict from :func:`dipuq.dip.checkpoint.load_checkpoint`; restores weights, Adam state,
         generator state, best iterate and history, and continues from the saved step
     validation : ``(A_H, y_H)``, the held-out rows (:mod:`dipuq.data.split`). Their loss
         ``(1/m_H) ||A_H f(θ_k) − y_H||²`` is recorded in ``history["val"]``; with
@@ -370,7 +365,7 @@ def fit_dip(
     At the end the network holds the *last* weights; the kept weights are in
     ``state.fit.best_params`` (``run_dip`` loads them).
     """
-    y, x_input = _check_inputs(net, A, y, x_input)
+    y, x_input = check_fit_inputs(net, A, y, x_input)
     if x_input is None:
         raise DataError("fit_dip needs the network input x_input (see make_input)")
     sigma2_target = None
@@ -380,10 +375,10 @@ def fit_dip(
         A_H, y_H = validation
         validation = (A_H, check_projections(A_H, y_H))
     optimizer = _adam(net, cfg.lr)
-    fit = _Fit(net, optimizer, generator, x_input, cfg, sigma2_target,
+    fit = FitHandle(net, optimizer, generator, x_input, cfg, sigma2_target,
                history={"loss": [], "misfit": [], "tv": [], "val": []}, validation=validation)
     if resume is not None:
-        _restore(fit, resume, y)
+        restore(fit, resume)
     return _fit_loop(fit, A, y)
 
 
@@ -400,7 +395,7 @@ def validation_window(cfg: DipConfig, best_iteration: int) -> int:
     return max(int(cfg.patience), int(math.ceil(cfg.patience_rel * max(best_iteration, 0))))
 
 
-def _stop_reason(fit: _Fit, k: int, misfit: float) -> str | None:
+def _stop_reason(fit: FitHandle, k: int, misfit: float) -> str | None:
     cfg = fit.cfg
     if fit.sigma2_target is not None and misfit <= cfg.tau * fit.sigma2_target:
         return "discrepancy"
@@ -412,7 +407,7 @@ def _stop_reason(fit: _Fit, k: int, misfit: float) -> str | None:
     return None
 
 
-def _fit_loop(fit: _Fit, A, y: torch.Tensor) -> Iterator[DipState]:
+def _fit_loop(fit: FitHandle, A, y: torch.Tensor) -> Iterator[DipState]:
     net, opt, cfg = fit.net, fit.optimizer, fit.cfg
     params = [p for p in net.parameters()]
     names = [n for n, _ in net.named_parameters()]
@@ -462,240 +457,3 @@ def _fit_loop(fit: _Fit, A, y: torch.Tensor) -> Iterator[DipState]:
     finally:
         if dropout:
             net.set_dropout(False)
-
-
-# ----------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------
-def save_checkpoint(path: str | os.PathLike, state: DipState) -> Path:
-    """Write everything needed to resume the fit of ``state`` (atomically)."""
-    fit = state.fit
-    ckpt = {
-        "version": _CHECKPOINT_VERSION,
-        "steps": fit.steps,
-        "net": {k: v.detach().clone() for k, v in fit.net.state_dict().items()},
-        "net_spec": fit.net.spec() if hasattr(fit.net, "spec") else None,
-        "optimizer": fit.optimizer.state_dict(),
-        "generator": fit.generator.get_state() if fit.generator is not None else None,
-        "x_input": fit.x_input.detach().cpu(),
-        "config": fit.cfg.to_dict(),
-        "sigma2_target": fit.sigma2_target,
-        "history": {k: list(v) for k, v in fit.history.items()},
-        "best_loss": fit.best_loss,
-        "best_iteration": fit.best_iteration,
-        "best_params": {k: v.cpu() for k, v in fit.best_params.items()},
-        "best_recon": None if fit.best_recon is None else fit.best_recon.cpu(),
-        "stop_reason": state.stop_reason,
-        "elapsed_s": fit.elapsed_s,
-    }
-    return save_torch(ckpt, path)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt / truncated / not a checkpoint
-        raise DipuqError(f"cannot read DIP checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version") != _CHECKPOINT_VERSION:
-        raise DipuqError(f"{path} is not a dipuq DIP checkpoint (version {_CHECKPOINT_VERSION})")
-    return ckpt
-
-
-def _restore(fit: _Fit, ckpt: dict, y: torch.Tensor) -> None:
-    old, new = dict(ckpt["config"]), fit.cfg.to_dict()
-    for k in _RESUMABLE_CHANGES:
-        old.pop(k, None)
-        new.pop(k, None)
-    if old != new:
-        diff = sorted(k for k in new if old.get(k) != new.get(k))
-        raise ConfigError(f"checkpoint was written with a different DIP config (fields {diff}); delete it or restore the config")
-    dev, dt = fit.x_input.device, fit.x_input.dtype
-    if tuple(ckpt["x_input"].shape) != tuple(fit.x_input.shape):
-        raise DataError(f"checkpoint network input {tuple(ckpt['x_input'].shape)} does not match {tuple(fit.x_input.shape)}")
-    fit.net.load_state_dict(ckpt["net"])
-    fit.optimizer.load_state_dict(ckpt["optimizer"])
-    if fit.generator is not None and ckpt["generator"] is not None:
-        fit.generator.set_state(ckpt["generator"])
-    fit.x_input = ckpt["x_input"].to(device=dev, dtype=dt)
-    fit.sigma2_target = ckpt["sigma2_target"]
-    fit.history = {k: list(v) for k, v in ckpt["history"].items()}
-    fit.best_loss, fit.best_iteration = ckpt["best_loss"], ckpt["best_iteration"]
-    fit.best_params = {k: v.to(dev) for k, v in ckpt["best_params"].items()}
-    fit.best_recon = None if ckpt["best_recon"] is None else ckpt["best_recon"].to(dev)
-    fit.steps = int(ckpt["steps"])
-    fit.history.setdefault("val", [])
-    fit.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
-
-
-# ----------------------------------------------------------------------------------------
-# result + driver
-# ----------------------------------------------------------------------------------------
-@dataclass
-class DipResult:
-    """The output of the DIP stage.
-
-    Attributes
-    ----------
-    theta_map : state dict of the lowest-loss weights θ* (the linearisation point)
-    recon : f(θ*; z), shape ``A.domain_shape``
-    net_input : the fixed input z, shape ``(1, in_ch, *A.domain_shape)``
-    network : ``UNet.spec()`` (rebuild with :meth:`build_net`)
-    history : per-iterate ``loss``, ``misfit`` (mean squared residual), ``tv`` and, with held-out
-        rows, ``val`` (their mean squared residual)
-    best_iteration : index k of θ* in the history
-    sigma2 : noise-variance estimate ||A f(θ*) − y||² / m (see module docstring)
-    iterations : Adam steps taken
-    stop_reason : ``"validation"`` (held-out loss stopped improving), ``"iterations"`` (the cap
-        ``dip.iterations`` was reached: the fit may be unfinished), ``"time"`` (``dip.max_seconds``),
-        ``"discrepancy"`` or ``"callback"``
-    timings : ``total_s`` (wall time of the fit, summed over resumptions), ``per_iteration_s``
-    config : the :class:`DipConfig` as a dict
-    """
-
-    theta_map: dict[str, torch.Tensor]
-    recon: torch.Tensor
-    net_input: torch.Tensor
-    network: dict
-    history: dict[str, list[float]]
-    best_iteration: int
-    sigma2: float
-    iterations: int
-    stop_reason: str
-    timings: dict[str, float]
-    config: dict
-
-    def build_net(self, device=None) -> UNet:
-        """A :class:`UNet` holding θ* (dropout off)."""
-        net = UNet.from_spec(self.network)
-        dtype = next(iter(self.theta_map.values())).dtype
-        net = net.to(dtype=dtype, device=device)
-        net.load_state_dict(self.theta_map)
-        return net
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write to ``path`` (torch format, atomic)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["theta_map"] = {k: v.detach().cpu() for k, v in self.theta_map.items()}
-        d["recon"], d["net_input"] = self.recon.detach().cpu(), self.net_input.detach().cpu()
-        d["kind"] = "dipuq.DipResult"
-        return save_torch(d, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DipResult:
-        try:
-            d = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DipuqError(f"cannot read DIP result {path}: {type(exc).__name__}: {exc}") from None
-        if not isinstance(d, dict) or d.pop("kind", None) != "dipuq.DipResult":
-            raise DipuqError(f"{path} is not a saved dipuq DipResult")
-        return cls(**d)
-
-
-Callback = Callable[[DipState], "bool | None"]
-
-
-def run_dip(
-    net: UNet,
-    A,
-    y: torch.Tensor,
-    cfg: DipConfig,
-    *,
-    x_input: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    callbacks: Iterable[Callback] = (),
-    progress: bool = False,
-    validation: tuple | None = None,
-) -> DipResult:
-    """Run :func:`fit_dip` to the end and return a :class:`DipResult` (``net`` ends at θ*).
-
-    Parameters
-    ----------
-    net, A, y, cfg, generator : as in :func:`fit_dip`
-    x_input : network input; None = :func:`make_input` (FBP/FDK or noise per ``cfg.input``)
-    checkpoint : file path. If it exists the fit resumes from it (a finished fit returns at
-        once); it is (re)written every ``cfg.checkpoint_every`` steps and at the end.
-    callbacks : called with each :class:`DipState`; returning True stops the fit
-    progress : show a tqdm progress bar
-    validation : ``(A_H, y_H)`` held-out rows for the validation stop (see :func:`fit_dip`)
-    """
-    y, x_input = _check_inputs(net, A, y, x_input)
-    ckpt = None
-    if checkpoint is not None and Path(checkpoint).exists():
-        ckpt = load_checkpoint(checkpoint)
-        x_input = ckpt["x_input"].to(dtype=A.dtype, device=A.device)
-        log.info("resuming DIP fit from %s at step %d", checkpoint, ckpt["steps"])
-    if x_input is None:
-        x_input = make_input(A, y, cfg, generator, in_ch=getattr(net, "in_ch", 1))
-
-    states = fit_dip(net, A, y, x_input, cfg, generator, resume=ckpt, validation=validation)
-    fit: _Fit | None = None
-    state: DipState | None = None
-    stop_reason = ckpt["stop_reason"] if ckpt is not None and ckpt.get("stop_reason") else "iterations"
-    callbacks = list(callbacks)
-    t0 = time.perf_counter()
-    start = ckpt["steps"] if ckpt is not None else 0
-    elapsed0 = float(ckpt.get("elapsed_s", 0.0)) if ckpt is not None else 0.0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.iterations, initial=start, desc="DIP", unit="it", dynamic_ncols=True)
-    try:
-        if ckpt is not None and ckpt.get("stop_reason"):
-            states.close()  # finished fit: nothing to run
-        else:
-            for state in states:
-                fit = state.fit
-                if bar is not None:
-                    bar.update(1)
-                    if state.iteration % 10 == 0:
-                        bar.set_postfix(loss=f"{state.loss:.3e}", best=f"{state.best_loss:.3e}")
-                if cfg.log_every and (state.iteration + 1) % cfg.log_every == 0:
-                    log.info("DIP it %d loss %.4e misfit %.4e tv %.4e best %.4e@%d", state.iteration,
-                             state.loss, state.misfit, state.tv, state.best_loss, state.best_iteration)
-                stop = any(bool(cb(state)) for cb in callbacks) if callbacks else False
-                if state.stop_reason is not None:
-                    stop_reason = state.stop_reason
-                elif stop:
-                    stop_reason = state.stop_reason = "callback"
-                last = state.stop_reason is not None or fit.steps >= cfg.iterations
-                if checkpoint is not None and (last or (cfg.checkpoint_every and fit.steps % cfg.checkpoint_every == 0)):
-                    save_checkpoint(checkpoint, state)
-                if state.stop_reason is not None:
-                    break
-    finally:
-        states.close()
-        if bar is not None:
-            bar.close()
-
-    elapsed = elapsed0 + time.perf_counter() - t0
-    if fit is not None:
-        history, best_params, best_recon = fit.history, fit.best_params, fit.best_recon
-        best_iteration, steps = fit.best_iteration, fit.steps
-    else:  # resumed from a finished checkpoint
-        history, best_recon = ckpt["history"], ckpt["best_recon"]
-        best_params, best_iteration, steps = ckpt["best_params"], ckpt["best_iteration"], ckpt["steps"]
-        elapsed = elapsed0
-    dev = next(net.parameters()).device
-    with torch.no_grad():
-        own = dict(net.named_parameters())
-        for k, v in best_params.items():
-            own[k].copy_(v.to(dev))
-    net.eval()
-    recon = best_recon.to(device=A.device, dtype=A.dtype)
-    sigma2 = residual_sigma2(A, recon, y)
-    return DipResult(
-        theta_map={k: v.detach().clone() for k, v in net.state_dict().items()},
-        recon=recon,
-        net_input=x_input.detach(),
-        network=net.spec() if hasattr(net, "spec") else {},
-        history={k: list(v) for k, v in history.items()},
-        best_iteration=int(best_iteration),
-        sigma2=sigma2,
-        iterations=int(steps),
-        stop_reason=stop_reason,
-        timings={"total_s": elapsed, "per_iteration_s": elapsed / max(1, steps)},
-        config=cfg.to_dict(),
-    )

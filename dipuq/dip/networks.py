@@ -43,7 +43,7 @@ from torch import nn
 
 from dipuq.errors import ConfigError
 
-__all__ = ["NetworkConfig", "UNet", "ChannelDropout", "conv_weight_names", "count_parameters"]
+__all__ = ["NetworkConfig", "UNet", "ChannelDropout", "config_from_dict", "conv_weight_names", "count_parameters"]
 
 _NEG_SLOPE = 0.2
 
@@ -103,11 +103,18 @@ class NetworkConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> NetworkConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown network config keys {unknown}; allowed: {sorted(names)}")
-        return cls(**d)
+        """Build from a plain dict (e.g. a config file section); unknown keys are errors."""
+        return config_from_dict(cls, d, "network")
+
+
+def config_from_dict(cls, d: dict, section: str):
+    """``cls(**d)`` for a config dataclass ``cls``, refusing keys it has no field for; ``section``
+    names the config section in the error message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {section} config keys {unknown}; allowed: {sorted(names)}")
+    return cls(**d)
 
 
 def _per_level(value, n: int, what: str, minimum: int) -> tuple[int, ...]:
@@ -318,14 +325,18 @@ class UNet(nn.Module):
 
 
 def conv_weight_names(net: nn.Module) -> list[str]:
-    """Names (as in ``net.named_parameters()``) of the convolution weights only.
+    """Names (as in ``net.named_parameters()``) of the weights of every convolution layer of ``net``:
+    ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` (all subclasses of torch's ``_ConvNd``).
 
     These are the parameters the linearised model perturbs (DESIGN §2: biases and normalisation
-    parameters stay at θ*).
+    parameters stay at θ*). A transposed convolution is a convolution's adjoint with its own
+    weights, which shape the output as much as any other conv's; leaving them out would freeze
+    them at θ* and under-state the uncertainty of a network that up-samples with them. (The
+    :class:`UNet` up-samples by interpolation and has none.)
     """
     names = []
     for mod_name, m in net.named_modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(m, nn.modules.conv._ConvNd) and m.weight is not None:
             names.append(f"{mod_name}.weight" if mod_name else "weight")
     return names
 

@@ -607,7 +607,7 @@ def _run_bayes(job: _Job, method: str):
 
 def _dip_result(job: _Job):
     """The bayes-sgd run's DIP fit (θ*, f(θ*)) when there is one, with its wall time."""
-    from dipuq.dip.fit import DipResult
+    from dipuq.dip.driver import DipResult
 
     p = job.folder / "bayes-sgd" / "stages" / "03_dip" / "dip.pt"
     done = job.folder / "bayes-sgd" / "stages" / "03_dip" / "done.json"
@@ -639,7 +639,7 @@ def _run_fixed(job: _Job, method: str):
     std = torch.full_like(recon, c)
     return (recon.cpu().numpy(), std.cpu().numpy(),
             {"time_fit_s": t_fit, "time_uq_s": t_uq, "time_total_s": t_fit + t_uq},
-            {"constant_std": c, "shared_fit": shared, "sigma2_residual": dip.sigma2})
+            {"constant_std": c, "shared_fit": shared, "sigma2_residual": dip.residual_sigma2})
 
 
 def _run_mcdo(job: _Job, method: str):

@@ -39,18 +39,10 @@ import torch
 from torch.func import functional_call, jvp, linearize, vjp, vmap
 
 from dipuq.devices import check_same_device
+from dipuq.dip.networks import conv_weight_names
 from dipuq.errors import DipuqError
 
-__all__ = ["LinearisedModel", "conv_param_names"]
-
-
-def conv_param_names(net: torch.nn.Module) -> list[str]:
-    """Names of the weight tensors of all convolution layers (Conv*d, ConvTranspose*d) of ``net``."""
-    names = []
-    for mod_name, mod in net.named_modules():
-        if isinstance(mod, torch.nn.modules.conv._ConvNd) and mod.weight is not None:
-            names.append(f"{mod_name}.weight" if mod_name else "weight")
-    return names
+__all__ = ["LinearisedModel"]
 
 
 class LinearisedModel:
@@ -66,8 +58,9 @@ class LinearisedModel:
     A : LinearOperator, optional
         Forward operator; only used to fix and check ``image_shape = A.domain_shape``.
     params : "conv" | "all" | sequence of str
-        Which parameters are linearised: all conv weights (default), all parameters, or an
-        explicit list of parameter names.
+        Which parameters are linearised: all conv weights (default;
+        :func:`dipuq.dip.networks.conv_weight_names`, ConvTranspose included), all parameters, or
+        an explicit list of parameter names.
     batching : "vmap" | "loop"
         How batches of vectors are pushed through J / Jᵀ. ``vmap`` is faster on CPU and GPU for
         the small-to-medium nets measured in ``benchmarks/samplers.py``; ``loop`` uses less memory.
@@ -97,7 +90,7 @@ class LinearisedModel:
         self.batching, self.chunk_size = batching, chunk_size
         all_params = dict(net.named_parameters())
         if params == "conv":
-            names = conv_param_names(net)
+            names = conv_weight_names(net)
         elif params == "all":
             names = list(all_params)
         else:

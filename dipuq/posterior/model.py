@@ -9,12 +9,8 @@ is Gaussian with precision
 and the image predictive covariance is J̃ H⁻¹ J̃ᵀ. The predictive mean is the DIP reconstruction
 f(θ*) (``model.mean``); the linear-model mean f(θ*) + J̃ w̄ is available from the samplers.
 
-g-prior scales (:func:`gprior_scale`): s_j = (D_j / c)^(-1/2) with D = diag(JᵀAᵀAJ) and c = m
-(the number of measurements), so every column of AJ̃ has squared norm m: the prior is invariant to
-the units of each weight and ``diag(σ⁻² J̃ᵀAᵀAJ̃) = m / σ²`` is constant (a Jacobi-preconditioned
-Hessian). D is estimated by Monte Carlo, D_j = E_v[(JᵀAᵀv)_j²] with v ~ N(0, I_m), or exactly.
-Entries with D_j below ``floor · mean(D)`` (weights the data cannot see, e.g. dead channels)
-are raised to that floor, so scales stay finite.
+The g-prior scales s come from :func:`dipuq.posterior.gprior.gprior_scale`; the noise variance σ²
+is required, decided once by :func:`dipuq.posterior.noise.decide_sigma2`.
 
 Prior centre (``prior_center``): ``"zero"`` centres the weight prior at θ = 0 as in linearised
 Laplace (w_c = −θ*/s; sample-based EM for g is then informative), ``"map"`` centres it at θ*
@@ -22,7 +18,7 @@ Laplace (w_c = −θ*/s; sample-based EM for g is then informative), ``"map"`` c
 
 Example::
 
-    >>> post = Posterior(model, A, y, sigma2=None, g=1.0)          # doctest: +SKIP
+    >>> post = Posterior(model, A, y, sigma2=0.01, g=1.0)          # doctest: +SKIP
     >>> post.hessian_matvec(torch.randn(4, post.p)).shape           # doctest: +SKIP
     torch.Size([4, p])
 """
@@ -35,68 +31,15 @@ from pathlib import Path
 
 import torch
 
+from dipuq._io import save_torch
 from dipuq.devices import check_same_device
 from dipuq.errors import DipuqError
+from dipuq.posterior.gprior import gprior_scale
 from dipuq.posterior.linearise import LinearisedModel
 
-__all__ = ["Posterior", "gprior_scale", "gprior_diagonal"]
+__all__ = ["Posterior"]
 
 _FORMAT = "dipuq.posterior/1"
-
-
-def gprior_diagonal(
-    model: LinearisedModel,
-    A,
-    n_probes: int | None = 128,
-    generator: torch.Generator | None = None,
-    batch: int = 16,
-) -> torch.Tensor:
-    """diag(JᵀAᵀAJ), shape ``(p,)``: exact if ``n_probes is None``, else a Monte Carlo estimate.
-
-    The estimate is mean_k (JᵀAᵀv_k)² with v_k ~ N(0, I_m), unbiased with relative standard
-    deviation sqrt(2 / n_probes) per entry.
-    """
-    m = A.shape[0]
-    if n_probes is None:
-        if m * model.p > 5e7:
-            raise DipuqError(f"exact g-prior diagonal needs an ({m} x {model.p}) matrix: use n_probes")
-        JT_AT = []
-        eye = torch.eye(m, dtype=model.dtype, device=model.device)
-        for i in range(0, m, 256):
-            rows = eye[i : i + 256].reshape(-1, *A.range_shape)
-            JT_AT.append(model.vjp(A.adjoint(rows)).double().pow(2).sum(0))
-        return torch.stack(JT_AT).sum(0)
-    if n_probes < 1:
-        raise DipuqError(f"n_probes must be >= 1, got {n_probes}")
-    acc = torch.zeros(model.p, dtype=torch.float64, device=model.device)
-    done = 0
-    while done < n_probes:
-        b = min(batch, n_probes - done)
-        v = torch.randn(b, *A.range_shape, generator=generator, dtype=model.dtype, device=model.device)
-        acc += model.vjp(A.adjoint(v)).double().pow(2).sum(0)
-        done += b
-    return acc / n_probes
-
-
-def gprior_scale(
-    model: LinearisedModel,
-    A,
-    n_probes: int | None = 128,
-    generator: torch.Generator | None = None,
-    floor: float = 1e-4,
-) -> torch.Tensor:
-    """g-prior scales s_j = (max(D_j, floor·mean D) / m)^(-1/2), shape ``(p,)``, dtype of the model.
-
-    ``n_probes=None`` computes D = diag(JᵀAᵀAJ) exactly (m VJPs; tiny problems only).
-    """
-    D = gprior_diagonal(model, A, n_probes=n_probes, generator=generator)
-    if not torch.isfinite(D).all():
-        raise DipuqError("g-prior diagonal has NaN/inf entries: the network Jacobian is not finite")
-    mean_D = D.mean()
-    if mean_D <= 0:
-        raise DipuqError("g-prior diagonal is zero: the measured data do not depend on any conv weight")
-    m = A.shape[0]
-    return (D.clamp(min=floor * mean_D) / m).rsqrt().to(model.dtype)
 
 
 class Posterior:
@@ -110,8 +53,9 @@ class Posterior:
         Forward operator, ``A.domain_shape == model.image_shape``.
     y : Tensor
         Measured data, shape ``A.range_shape`` (a leading ``(1,)`` or ``(1, 1)`` is dropped).
-    sigma2 : float, optional
-        Noise variance σ². Default: the DIP residual ||A f(θ*) − y||² / m.
+    sigma2 : float
+        Noise variance σ² of y, required (decide it with
+        :func:`dipuq.posterior.noise.decide_sigma2`).
     g : float
         Prior variance of w.
     scale : Tensor, optional
@@ -126,7 +70,7 @@ class Posterior:
         model: LinearisedModel,
         A,
         y: torch.Tensor,
-        sigma2: float | None = None,
+        sigma2: float,
         g: float = 1.0,
         scale: torch.Tensor | None = None,
         prior_center: str = "zero",
@@ -150,7 +94,7 @@ class Posterior:
         with torch.no_grad():
             self.residual_map = self.y - A(model.mean)  # y − A f(θ*), shape: range_shape
         if sigma2 is None:
-            sigma2 = float(self.residual_map.double().pow(2).mean())
+            raise DipuqError("Posterior needs the noise variance sigma2 (see dipuq.posterior.noise.decide_sigma2)")
         self.sigma2 = float(sigma2)
         if not (self.sigma2 > 0 and math.isfinite(self.sigma2)):
             raise DipuqError(f"noise variance sigma2 must be positive and finite, got {self.sigma2}")
@@ -262,8 +206,6 @@ class Posterior:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`state_dict` to ``path`` atomically (temp file + rename)."""
-        from dipuq._io import save_torch
-
         return save_torch(self.state_dict(), path)
 
     @classmethod

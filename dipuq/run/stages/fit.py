@@ -8,12 +8,13 @@ import dataclasses
 import torch
 
 from dipuq._io import atomic_write_json, load_torch, save_torch
-from dipuq.dip.fit import DipConfig, DipResult, run_dip, validation_window
+from dipuq.dip.driver import DipResult, run_dip
+from dipuq.dip.fit import DipConfig, validation_window
 from dipuq.dip.networks import UNet
 from dipuq.errors import DipuqError
 from dipuq.maps.metrics import psnr
 from dipuq.posterior.linearise import LinearisedModel
-from dipuq.posterior.model import gprior_scale
+from dipuq.posterior.gprior import gprior_scale
 from dipuq.run.context import RunContext, Stage
 from dipuq.threads import ThreadGovernor
 
@@ -60,7 +61,7 @@ def stage_dip(ctx: RunContext, cfg) -> dict:
                 f"{result.iterations}): the fit may be unfinished")
     atomic_write_json(ctx.path("dip", "heldout.json"), check)
     return {"iterations": result.iterations, "best_iteration": result.best_iteration, "stop_reason": result.stop_reason,
-            "residual_sigma2": result.sigma2, **{k: v for k, v in check.items() if k != "message"}}
+            "residual_sigma2": result.residual_sigma2, **{k: v for k, v in check.items() if k != "message"}}
 
 
 def _heldout_check(ctx: RunContext, dip, cfg) -> dict:

@@ -11,9 +11,10 @@ import time
 import torch
 
 from dipuq._io import atomic_write_json, load_torch, save_torch, to_jsonable
-from dipuq.errors import ConfigError, DipuqError
+from dipuq.errors import DipuqError
 from dipuq.maps.uncertainty import Moments
 from dipuq.posterior.model import Posterior
+from dipuq.posterior.noise import decide_sigma2
 from dipuq.run.context import RunContext, Stage
 from dipuq.samplers import iterate_em, make_sampler, prior_draws
 from dipuq.samplers.distributed import allreduce_moments, em_hooks, sample_distributed
@@ -29,14 +30,7 @@ SAMPLER_RESIDUAL_WARN = 0.1
 
 def _sigma2(ctx: RunContext, cfg) -> tuple[float, str]:
     """σ² of the fitted projections in fit units (the scan's units / norm²), and where it came from."""
-    scan, norm = ctx["scan"], ctx["norm"]
-    if cfg.sigma2 > 0:
-        return cfg.sigma2 / norm**2, "config"
-    if cfg.noise in ("auto", "scan") and scan.noise_std:
-        return (float(scan.noise_std) / norm) ** 2, "scan"
-    if cfg.noise == "scan":
-        raise ConfigError("posterior.noise = 'scan' but the scan records no noise_std; use 'residual' or set posterior.sigma2")
-    return float(ctx["dip"].sigma2), "residual"
+    return decide_sigma2(cfg, residual=ctx["dip"].residual_sigma2, noise_std=ctx["scan"].noise_std, norm=ctx["norm"])
 
 
 def stage_posterior(ctx: RunContext, cfg) -> dict:
