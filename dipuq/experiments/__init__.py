@@ -386,7 +386,8 @@ def normalise_background(scan, edge_cols: int = 8):
 
 
 def _phantom_scan(spec: ScanSpec, case: CaseSpec, seed: int):
-    from dipuq.data.phantoms import random_ellipsoids, shepp_logan, simulate_scan
+    from dipuq.data.phantoms import random_ellipsoids, shepp_logan
+    from dipuq.operators.simulate import simulate_scan
     from dipuq.geometry import Geometry
 
     shape = tuple(spec.shape)
