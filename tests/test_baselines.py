@@ -20,7 +20,8 @@ from dipuq.dip.baselines import (
     oracle_constant_std,
     tv_pdhg,
 )
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.dip.fit import DipConfig, tv_anisotropic
 from dipuq.errors import ConfigError, DataError
 from dipuq.geometry import Geometry

@@ -15,7 +15,8 @@ import torch
 
 from dipuq.run import pipeline
 from dipuq.cli import main
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.geometry import Geometry
 
 TINY = [

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.dip.fit import (
     DipConfig,
     DipResult,

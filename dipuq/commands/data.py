@@ -26,10 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _list(args) -> int:
-    from dipuq.data.registry import DATASETS, _human
+    from dipuq.data.registry import DATASETS, human_size
 
     rows = [("NAME", "KIND", "SIZE", "LICENCE")]
-    rows += [(d.name, d.kind, _human(d.size), d.licence) for d in DATASETS.values()]
+    rows += [(d.name, d.kind, human_size(d.size), d.licence) for d in DATASETS.values()]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])

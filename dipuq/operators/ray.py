@@ -43,10 +43,10 @@ import torch
 
 from dipuq.devices import same_device
 from dipuq.errors import DipuqError
-from dipuq.geometry import Geometry
+from dipuq.geometry import Geometry, lift3d
 from dipuq.operators import _astra
 from dipuq.operators.base import AdjointOperator, LinearOperator
-from dipuq.operators.cone_cpu import build_matrix, lift3d
+from dipuq.operators.cone_cpu import build_matrix
 
 __all__ = ["RayTransform", "cuda_available", "available_backends", "BACKENDS"]
 

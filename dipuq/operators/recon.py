@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from dipuq.errors import DipuqError, DivergenceError
+from dipuq.geometry import lift3d
 from dipuq.operators.base import LinearOperator
-from dipuq.operators.cone_cpu import lift3d
 
 __all__ = ["FILTERS", "fbp", "fdk", "analytic", "ray_coverage", "sirt", "cgls", "sirt_iterates", "cgls_iterates",
            "IterState", "ramp_filter", "filtered_backprojection"]
