@@ -1006,7 +1006,7 @@ def _write_table_csv(path: Path, table: list[dict]) -> None:
 
 
 def _comparison_figures(spec: ExperimentSpec, out: Path, seed: int = 0) -> list[Path]:
-    from dipuq.show import viz
+    from dipuq.show import prepare, viz
     from dipuq.data.scan import Scan
 
     written = []
@@ -1039,7 +1039,7 @@ def _comparison_figures(spec: ExperimentSpec, out: Path, seed: int = 0) -> list[
         p = out / "figures" / f"{case.name}_slices.png"
         viz.save_figure(fig, p, dpi=80)
         written.append(p)
-        curves = [(n, viz.coverage_curve(recons[n] - ref, s)) for n, s in stds.items() if s is not None]
+        curves = [(n, prepare.coverage_curve(recons[n] - ref, s)) for n, s in stds.items() if s is not None]
         if curves:
             fig = viz.reliability_diagram([c[1][0] for c in curves], [c[1][1] for c in curves],
                                           labels=[c[0] for c in curves], title=f"Calibration: {spec.name} / {case.name}")
