@@ -341,7 +341,7 @@ def remove_stripes(scan: Scan, method: str = "mean", size: int = 15) -> Scan:
     Raw counts / flat / dark are dropped (the filtered line integrals are no longer their
     ``-log``); ``meta["stripe"]`` records the filter.
     """
-    from scipy.ndimage import median_filter
+    from scipy.ndimage import median_filter  # heavy: imported only when a stripe filter runs
 
     if method not in STRIPE_METHODS:
         raise DataError(f"stripe filter: use one of {', '.join(STRIPE_METHODS)}, got {method!r}")

@@ -42,6 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from dipuq._io import atomic_write_bytes
 from dipuq.show.prepare import AXES, QUANTITIES, derived_maps, display_scales, take_slice
 
 __all__ = [
@@ -317,8 +318,6 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write the figure as a PNG atomically and return the path."""
-    from dipuq._io import atomic_write_bytes
-
     return atomic_write_bytes(path, figure_png(fig, dpi))
 
 
