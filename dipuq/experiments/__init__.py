@@ -434,7 +434,7 @@ def _reference_recon(full, spec: ScanSpec, backend: str, device) -> np.ndarray:
 def _dataset_full(spec: ScanSpec):
     """The registered dataset, binned / cropped / background-normalised (all angles, no reference)."""
     from dipuq.data import preprocess
-    from dipuq.data.registry import open_dataset
+    from dipuq.data.loaders import open_dataset
 
     opts = {"row": spec.row} if spec.row >= 0 else {}
     scan = open_dataset(spec.dataset, mirror=spec.mirror or None, **opts)
