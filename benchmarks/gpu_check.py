@@ -510,7 +510,7 @@ def diamond_overrides(quick: bool) -> list[str]:
 def part_pipeline_diamond(ctx: Ctx) -> None:
     need_gpu()
     from dipuq.run.config import load_config
-    from dipuq.data.registry import open_dataset
+    from dipuq.data.loaders import open_dataset
     from dipuq.run.pipeline import run_pipeline
 
     scan = open_dataset("diamond-24737", mirror=_diamond_mirror(ctx))  # SHA-256 verified

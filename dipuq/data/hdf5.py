@@ -40,14 +40,8 @@ def load_hdf5(path: str | os.PathLike, *, row: int | None = None, angles=None, a
     angles : override ``exchange/theta`` (in ``angle_units``)
     cor, cor_offset, vol_shape, floor : as in :func:`~dipuq.data.tiff.load_tiff_stack`
     """
-    import h5py  # heavy: imported only when an HDF5 file is read
-
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({' '.join(str(exc).split())})") from None
-    with f:
+    with _open(path, "HDF5") as f:
         if "exchange/data" not in f:
             raise DataError(f"{path}: no 'exchange/data' dataset (not a Data Exchange file)")
         P = np.asarray(f["exchange/data"][()], dtype=np.float32)
@@ -148,14 +142,8 @@ def load_nexus(path: str | os.PathLike, *, entry: str | None = None, data: str |
 
     Example: ``load_nexus("k11-18014.nxs").projections.shape == (3001, 22, 26)``.
     """
-    import h5py  # heavy: imported only when an HDF5 file is read
-
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 / NeXus file ({' '.join(str(exc).split())})") from None
-    with f:
+    with _open(path, "HDF5 / NeXus") as f:
         frames, keys, angles, units, src = _nx_frames(f, path, entry, data, image_key, angle_path, angles,
                                                       angle_units, row)
     n = len(keys)
@@ -236,6 +224,16 @@ def _nx_frames(f, path: Path, entry, data, image_key, angle_path, angles, angle_
     except (OSError, KeyError) as exc:
         raise DataError(f"{path}: cannot read {dpath} ({' '.join(str(exc).split())})") from None
     return frames, keys, angles, units, src
+
+
+def _open(path: Path, what: str):
+    """The HDF5 file at ``path`` open for reading; an unreadable one is a DataError naming it a ``what`` file."""
+    import h5py  # heavy: imported only when an HDF5 file is read
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable {what} file ({' '.join(str(exc).split())})") from None
 
 
 def is_data_exchange(path: Path) -> bool:

@@ -40,7 +40,7 @@ from dipuq._io import atomic_write_text
 from dipuq.dip.fit import DipConfig
 from dipuq.dip.networks import NetworkConfig
 from dipuq.errors import ConfigError
-from dipuq.run.values import check_range, coerce, suggest, type_name
+from dipuq.run.values import check_range, coerce, suggest
 from dipuq.samplers import SamplerConfig
 
 __all__ = [
@@ -62,7 +62,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_digest",
-    "describe_config",
 ]
 
 
@@ -388,27 +387,6 @@ def config_digest(obj) -> str:
         obj = dataclasses.asdict(obj)
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def describe_config(cfg_cls=Config) -> str:
-    """All sections and keys with types, defaults and help (for ``--help`` epilogues and docs)."""
-    out = []
-
-    def walk(cls, name, indent):
-        doc = (cls.__doc__ or "").strip().splitlines()
-        out.append(f"{indent}[{name}]  {doc[0] if doc else ''}")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if _is_section(hints[f.name]):
-                walk(hints[f.name], f"{name}.{f.name}", indent + "  ")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_ = f.metadata.get("help", "")
-            out.append(f"{indent}  {f.name} = {default!r}  ({type_name(hints[f.name])})" + (f"  {help_}" if help_ else ""))
-
-    for name, cls in _sections(cfg_cls).items():
-        walk(cls, name, "")
-    return "\n".join(out)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from dipuq.errors import ConfigError
 
-__all__ = ["coerce", "check_range", "suggest", "type_name"]
+__all__ = ["coerce", "check_range", "suggest"]
 
 
 def suggest(name: str, options) -> str:
@@ -36,14 +36,14 @@ def suggest(name: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(options)})"
 
 
-def type_name(hint) -> str:
+def _type_name(hint) -> str:
     origin = typing.get_origin(hint)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(hint))
     if origin in (list, tuple):
-        return f"a list of {type_name(typing.get_args(hint)[0])}"
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(hint))
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "none"}.get(
         hint, getattr(hint, "__name__", str(hint))
     )
@@ -56,7 +56,7 @@ _FALSE = {"false", "no", "off", "0"}
 def coerce(value: Any, hint, where: str, text: bool):
     """``value`` checked (and, when it came from command-line text, parsed) against ``hint``."""
     origin = typing.get_origin(hint)
-    bad = ConfigError(f"{where} must be {type_name(hint)}, got {value!r}")
+    bad = ConfigError(f"{where} must be {_type_name(hint)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
