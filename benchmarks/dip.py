@@ -36,11 +36,11 @@ CASES = {
 
 
 def build_case(name: str):
-    from dipuq.data.phantoms import shepp_logan, simulate_scan
+    from dipuq.data.phantoms import shepp_logan
     from dipuq.dip.fit import DipConfig, make_input
     from dipuq.geometry import Geometry
     from dipuq.dip.networks import NetworkConfig, UNet
-    from dipuq.operators import RayTransform
+    from dipuq.operators import RayTransform, simulate_scan
 
     ndim, vol, n_ang, beam, ch, scales, device = CASES[name]
     angles = np.linspace(0, np.pi if beam == "parallel" else 2 * np.pi, n_ang, endpoint=False)

@@ -191,7 +191,7 @@ def cone(n: int, views: int):
 
 
 def part_environment(ctx: Ctx) -> None:
-    from dipuq.devices import environment, format_environment
+    from dipuq.commands.info import environment, format_environment
 
     info = environment()
     log(format_environment(info))
@@ -318,8 +318,8 @@ def part_host_copies(ctx: Ctx) -> None:
     need_gpu()
     from torch.profiler import ProfilerActivity, profile
 
+    from dipuq.geometry import lift3d
     from dipuq.operators import RayTransform, _astra
-    from dipuq.operators.cone_cpu import lift3d
 
     n, views = 128, 180
     g = cone(n, views)
@@ -510,7 +510,7 @@ def diamond_overrides(quick: bool) -> list[str]:
 def part_pipeline_diamond(ctx: Ctx) -> None:
     need_gpu()
     from dipuq.run.config import load_config
-    from dipuq.data.registry import open_dataset
+    from dipuq.data.loaders import open_dataset
     from dipuq.run.pipeline import run_pipeline
 
     scan = open_dataset("diamond-24737", mirror=_diamond_mirror(ctx))  # SHA-256 verified

@@ -21,10 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dipuq.geometry import Geometry
-from dipuq.operators import RayTransform, cuda_available
-from dipuq.operators import _astra
-from dipuq.operators.cone_cpu import lift3d
+from dipuq.geometry import Geometry, lift3d
+from dipuq.operators import RayTransform, _astra, cuda_available
 
 
 def timeit(fn, repeat=5, warmup=1, sync=False) -> float:

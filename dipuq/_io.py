@@ -127,7 +127,7 @@ def atomic_save_npy(path: str | Path, array) -> Path:
 
 def atomic_save_tiff(path: str | Path, array, *, voxel_size: float | None = None) -> Path:
     """A float32 ImageJ hyperstack (2D image or 3D z-stack) that Fiji and napari open directly."""
-    import tifffile  # optional dependency, imported only when a TIFF is written
+    import tifffile  # heavy: imported only when a TIFF is written
 
     a = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
     kw: dict[str, Any] = {"imagej": True, "metadata": {"axes": "ZYX" if a.ndim == 3 else "YX"}}

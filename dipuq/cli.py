@@ -8,14 +8,19 @@ Each sub-command lives in :mod:`dipuq.commands` as a module with ``add_parser(su
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
+import pickle
 import sys
+import zipfile
+import zlib
 
-from dipuq import __version__
+from dipuq import __version__, threads
+from dipuq.commands import data, demo, experiment, info, reconstruct, show
+from dipuq.devices import is_oom, oom_error
 from dipuq.errors import DipuqError
 
-COMMANDS = ("reconstruct", "show", "demo", "experiment", "data", "info")
+#: The sub-commands, in the order ``dipuq --help`` lists them.
+COMMANDS = (reconstruct, show, demo, experiment, data, info)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dipuq {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"dipuq.commands.{name}")
-        except ModuleNotFoundError as exc:  # a command still being built
-            if exc.name != f"dipuq.commands.{name}":
-                raise
-            continue
+    for module in COMMANDS:
         module.add_parser(sub)
     return parser
 
@@ -55,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dipuq: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # CUDA out of memory outside the pipeline's stages (e.g. an experiment baseline)
-        from dipuq.devices import is_oom, oom_error
-
         if args.debug or not is_oom(exc):
             raise
         print(f"dipuq: error: {_one_line(oom_error(exc))}", file=sys.stderr)
@@ -67,10 +64,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures a user can act on: bad input, and files (theirs or a checkpoint) that cannot be
     read — OS errors, truncated zip/NPZ/pickle streams, HDF5/TIFF errors (OSError subclasses) and
     running out of memory. Anything else is a bug and keeps its traceback."""
-    import pickle
-    import zipfile
-    import zlib
-
     return (DipuqError, OSError, EOFError, MemoryError, zipfile.BadZipFile, pickle.UnpicklingError, zlib.error)
 
 
@@ -95,7 +88,6 @@ def run() -> None:
     output, skipping the interpreter teardown in which native communication threads can abort a
     finished rank (see :func:`dipuq.samplers.distributed.made_process_group`).
     """
-    from dipuq import threads
     threads.configure()
     code = main()
     dist_mod = sys.modules.get("dipuq.samplers.distributed")

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from dipuq.geometry import rays
+
 __all__ = ["check_adjoint", "check_jvp_vjp", "ellipsoid", "ellipsoid_line_integrals"]
 
 
@@ -96,8 +98,6 @@ def ellipsoid(vol_shape, centre, semi_axes, voxel_size: float = 1.0, value: floa
 
 def ellipsoid_line_integrals(geometry, centre, semi_axes, value: float = 1.0) -> np.ndarray:
     """Exact line integrals ``value × chord length`` of an ellipsoid for every ray, shape proj_shape."""
-    from dipuq.operators.cone_cpu import rays
-
     a, e, tlo, thi = rays(geometry)
     if geometry.ndim == 2:
         centre3 = np.array([centre[1], centre[0], 0.0])

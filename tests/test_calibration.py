@@ -22,7 +22,8 @@ from dipuq.maps.calibration import (
     interval_multiplier,
 )
 from dipuq.run.config import load_config
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.geometry import Geometry
 from dipuq.run.pipeline import run_pipeline
 

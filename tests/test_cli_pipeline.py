@@ -15,7 +15,8 @@ import torch
 
 from dipuq.run import stages
 from dipuq.cli import main
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.geometry import Geometry
 
 TINY = [
@@ -24,15 +25,6 @@ TINY = [
     "sampler.n_samples=4", "sampler.n_steps=10", "sampler.chains_per_batch=2", "sampler.power_iters=5",
     "output.report_slices=4",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems run fastest on one thread (and do not thrash a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _sets(extra=()):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq.geometry import Geometry
+from dipuq.geometry import Geometry, lift3d, rays
 from dipuq.operators import RayTransform, fdk
-from dipuq.operators.cone_cpu import build_matrix, lift3d, rays
+from dipuq.operators.cone_cpu import build_matrix
 from dipuq.testing import check_adjoint, ellipsoid, ellipsoid_line_integrals
 
 

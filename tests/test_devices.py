@@ -11,7 +11,8 @@ import torch
 
 from dipuq.run import stages
 from dipuq.cli import main
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.devices import check_same_device, oom_error, same_device
 from dipuq.errors import DipuqError, GPUOutOfMemoryError
 from dipuq.geometry import Geometry

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.dip.checkpoint import load_checkpoint, save_checkpoint
 from dipuq.dip.driver import DipResult, run_dip
 from dipuq.dip.fit import DipConfig, estimate_noise_sigma2, fit_dip, make_input, residual_sigma2, tv_anisotropic
@@ -14,28 +15,6 @@ from dipuq.errors import ConfigError, DataError, DipuqError
 from dipuq.geometry import Geometry
 from dipuq.dip.networks import NetworkConfig, UNet
 from dipuq.operators import MatrixOperator, RayTransform, fbp
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions: one thread is faster than two and immune to oversubscription on a busy box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def psnr(x, ref):
-    return float(10 * torch.log10(ref.max() ** 2 / (x - ref).square().mean()))
-
-
-@pytest.fixture(scope="module")
-def sparse2d():
-    """Shepp–Logan 32², 12 parallel angles, 5 % Gaussian noise."""
-    geo = Geometry.parallel2d(np.linspace(0, np.pi, 12, endpoint=False), (32, 32))
-    A = RayTransform(geo)
-    scan = simulate_scan(shepp_logan((32, 32)), geo, noise_level=0.05, generator=torch.Generator().manual_seed(0))
-    return A, torch.as_tensor(scan.projections), torch.as_tensor(scan.reference), scan.noise_std**2
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +40,7 @@ def _fit(A, y, cfg, seed=1, **kw):
     return net, run_dip(net, A, y, cfg, generator=g, **kw)
 
 
-def test_dip_beats_fbp_on_sparse_angles(sparse2d):
+def test_dip_beats_fbp_on_sparse_angles(sparse2d, psnr):
     A, y, x, _ = sparse2d
     cfg = DipConfig(iterations=800, lr=2e-3, gamma=1.0,
                     network=NetworkConfig(scales=3, channels=16, skip_channels=4))

@@ -163,14 +163,6 @@ def _launch_by_hand(scenario: str, tmp_path: Path, timeout: float, guard: float 
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers run with one thread each: same BLAS paths as the reference
-    yield
-    torch.set_num_threads(n)
-
-
 def test_shards_cover_every_chain_exactly_once():
     for n in (0, 1, 5, 24, 101):
         for w in (1, 2, 3, 7):

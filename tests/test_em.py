@@ -10,14 +10,6 @@ from dipuq.samplers import SamplerConfig, iterate_em, make_sampler, run_em
 from test_samplers import tiny_problem
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup():
     post = tiny_problem(g=1.0)

@@ -13,7 +13,8 @@ import torch
 
 from dipuq.cli import main
 from dipuq.run.config import load_config
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.data.split import ProjectionSplit, angle_groups
 from dipuq.dip.driver import run_dip
 from dipuq.dip.fit import DipConfig

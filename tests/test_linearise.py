@@ -10,15 +10,6 @@ from dipuq.posterior.linearise import LinearisedModel
 from dipuq.operators.base import MatrixOperator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up dominates, and 2 threads on a shared 2-core box thrash (7x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_net(ndim=2, ch=8, seed=0, dtype=torch.float32):
     """A few-thousand-weight conv net with GroupNorm (BatchNorm breaks torch.func)."""
     torch.manual_seed(seed)

@@ -8,15 +8,6 @@ from dipuq.errors import ConfigError
 from dipuq.dip.networks import ChannelDropout, NetworkConfig, UNet, conv_weight_names, count_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions: one thread is faster than two and immune to oversubscription on a busy box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net(ndim, **kw):
     opts = dict(scales=3, channels=4, skip_channels=(2, 0), generator=torch.Generator().manual_seed(0))
     opts.update(kw)

@@ -13,7 +13,7 @@ import torch
 
 from dipuq.geometry import Geometry
 from dipuq.operators import RayTransform, _astra, fdk, fbp
-from dipuq.operators.cone_cpu import lift3d
+from dipuq.geometry import lift3d
 from dipuq.testing import check_adjoint, ellipsoid
 
 pytestmark = pytest.mark.gpu

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dipuq.data import Scan, random_ellipsoids, shepp_logan, simulate_scan
+from dipuq.data import Scan, random_ellipsoids, shepp_logan
 from dipuq.errors import DataError
 from dipuq.geometry import Geometry
-from dipuq.operators import MatrixOperator
+from dipuq.operators import MatrixOperator, simulate_scan
 
 
 def test_shepp_logan_2d_values():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dipuq.cli import main
-from dipuq.data import registry
+from dipuq.data.loaders import open_dataset
 from dipuq.data.registry import DATASETS, DataFile, Dataset, fetch, get, sha256sum
 from dipuq.errors import DataError
 
@@ -149,7 +149,7 @@ def test_open_dataset_via_download(tmp_path, http_mirror, monkeypatch):
     f = tooth.files[0]
     monkeypatch.setitem(DATASETS, "tooth", Dataset(**{**tooth.__dict__, "files": (
         DataFile(f.path, f"{http_mirror}/{f.path}", f.sha256),)}))
-    scan = registry.open_dataset("tooth", cache_dir=tmp_path / "cache", row=1)
+    scan = open_dataset("tooth", cache_dir=tmp_path / "cache", row=1)
     assert scan.projections.shape == (181, 640) and scan.meta["dataset"] == "tooth"
     assert scan.meta["row"] == 1
 
@@ -211,6 +211,6 @@ def test_nexus_dataset_downloads_with_its_linked_files(tmp_path, http_mirror, mo
     local = Dataset(**{**ds.__dict__, "files": tuple(DataFile(f.path, f"{http_mirror}/{f.path}", f.sha256)
                                                      for f in ds.files)})
     monkeypatch.setitem(DATASETS, "diamond-k11", local)
-    scan = registry.open_dataset("diamond-k11", cache_dir=tmp_path / "cache", row=0)
+    scan = open_dataset("diamond-k11", cache_dir=tmp_path / "cache", row=0)
     assert (tmp_path / "cache" / "httomo_k11" / "k11-18014" / "k11-18014-imaging.h5").is_file()
     assert scan.projections.shape == (3001, 26) and scan.meta["dataset"] == "diamond-k11"

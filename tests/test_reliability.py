@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from dipuq.cli import main
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.geometry import Geometry
 from dipuq.run import stages
 from dipuq.run.rundir import LOCK_FILE, RunLock

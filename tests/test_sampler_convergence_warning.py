@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from dipuq.cli import main
-from dipuq.data.phantoms import shepp_logan, simulate_scan
+from dipuq.data.phantoms import shepp_logan
+from dipuq.operators.simulate import simulate_scan
 from dipuq.geometry import Geometry
 
 TINY = ["--set", "dip.iterations=20", "--set", "dip.network.scales=2", "--set", "dip.network.channels=8",

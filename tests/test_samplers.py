@@ -13,15 +13,6 @@ from dipuq.samplers import SamplerConfig, chain_generator, make_sampler
 from dipuq.maps.uncertainty import Moments, UncertaintyMaps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up dominates, and 2 threads on a shared 2-core box thrash (7x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_net(ndim=2, ch=12, seed=0):
     torch.manual_seed(seed)
     Conv = torch.nn.Conv2d if ndim == 2 else torch.nn.Conv3d

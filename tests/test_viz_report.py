@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from dipuq.show import viz
+from dipuq.show import prepare, viz
 from dipuq.show.report import render_report, write_report
 from dipuq._io import atomic_path, atomic_save_npy, atomic_save_tiff, atomic_write_json, atomic_write_text
 from dipuq.run.rundir import RunDir
@@ -32,49 +32,49 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 def test_derived_maps_and_scales():
     recon, std, ref = _volumes()
-    maps = viz.derived_maps(recon, std, ref)
+    maps = prepare.derived_maps(recon, std, ref)
     assert set(maps) == {"recon", "reference", "std", "abs_error", "zscore"}
     np.testing.assert_allclose(maps["zscore"], (recon - ref) / std, rtol=1e-6)  # float32 division
     np.testing.assert_array_equal(maps["abs_error"], np.abs(recon - ref))
-    s = viz.display_scales(maps, zscore_limit=2.5)
+    s = prepare.display_scales(maps, zscore_limit=2.5)
     assert s["recon"] == s["reference"]  # one grey scale for reconstruction and reference
     assert s["std"][0] == s["abs_error"][0] == 0  # magnitudes start at 0
     assert s["std"][1] == pytest.approx(np.percentile(std, 99.5))
     assert s["zscore"] == (-2.5, 2.5)
-    assert set(viz.derived_maps(recon, std)) == {"recon", "std"}
+    assert set(prepare.derived_maps(recon, std)) == {"recon", "std"}
     with pytest.raises(ValueError, match="std shape"):
-        viz.derived_maps(recon, std[:-1])
+        prepare.derived_maps(recon, std[:-1])
 
 
 def test_coverage_curve_of_calibrated_gaussian():
     rng = np.random.default_rng(1)
     std = rng.uniform(0.1, 2.0, 200_000)
     err = std * rng.standard_normal(std.size)
-    nominal, empirical = viz.coverage_curve(err, std)
+    nominal, empirical = prepare.coverage_curve(err, std)
     # binomial sd of a coverage fraction at n = 2e5 is <= 0.0012; 0.005 is ~4 sd
     np.testing.assert_allclose(empirical, nominal, atol=0.005)
-    _, over = viz.coverage_curve(2 * err, std)  # errors twice the error bars: over-confident
+    _, over = prepare.coverage_curve(2 * err, std)  # errors twice the error bars: over-confident
     assert (over < nominal - 0.05)[5:].all()
 
 
 def test_slice_indices():
-    assert viz.slice_indices(5, 32) == [0, 1, 2, 3, 4]
-    idx = viz.slice_indices(100, 9)
+    assert prepare.slice_indices(5, 32) == [0, 1, 2, 3, 4]
+    idx = prepare.slice_indices(100, 9)
     assert len(idx) == 9 and 50 in idx and idx[0] == 0 and idx[-1] == 99 and idx == sorted(set(idx))
     for n in range(1, 60):
-        got = viz.slice_indices(n, 8)
+        got = prepare.slice_indices(n, 8)
         assert len(got) == min(n, 8) and n // 2 in got and all(0 <= i < n for i in got)
 
 
 def test_figures_render(tmp_path):
     recon, std, ref = _volumes()
-    maps = viz.derived_maps(recon, std, ref)
+    maps = prepare.derived_maps(recon, std, ref)
     figs = {
         "ortho3d": viz.orthoslices(maps, title="t"),
-        "ortho2d": viz.orthoslices(viz.derived_maps(recon[0], std[0], ref[0])),
+        "ortho2d": viz.orthoslices(prepare.derived_maps(recon[0], std[0], ref[0])),
         "noref": viz.orthoslices({"recon": recon, "std": std}),
         "one_axis": viz.orthoslices(maps, axes=("y",), indices={"y": 3}),
-        "reliability": viz.reliability_diagram(*viz.coverage_curve(recon - ref, std)),
+        "reliability": viz.reliability_diagram(*prepare.coverage_curve(recon - ref, std)),
         "hexbin": viz.std_error_hexbin(std, np.abs(recon - ref), spearman=0.3),
         "loss": viz.loss_curve(np.arange(50), np.exp(-np.arange(50) / 10) + 0.01, best_iteration=40,
                                noise_level=0.01, psnr=([0, 10, 20], [10.0, 15.0, 17.0])),

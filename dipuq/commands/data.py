@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dipuq.data.registry import DATASETS, fetch, get, human_size
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("data", help="list, describe and download the registered real scans",
@@ -26,10 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _list(args) -> int:
-    from dipuq.data.registry import DATASETS, _human
-
     rows = [("NAME", "KIND", "SIZE", "LICENCE")]
-    rows += [(d.name, d.kind, _human(d.size), d.licence) for d in DATASETS.values()]
+    rows += [(d.name, d.kind, human_size(d.size), d.licence) for d in DATASETS.values()]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
@@ -37,15 +37,11 @@ def _list(args) -> int:
 
 
 def _info(args) -> int:
-    from dipuq.data.registry import get
-
     print(get(args.name).describe())
     return 0
 
 
 def _fetch(args) -> int:
-    from dipuq.data.registry import fetch, get
-
     ds = get(args.name)
     print(fetch(ds, cache_dir=args.cache, mirror=args.mirror, quiet=False))
     return 0

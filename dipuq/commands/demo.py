@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from dipuq.commands.reconstruct import _summary, add_common, parse_seed
+import numpy as np
+import torch
+
+from dipuq.commands.reconstruct import _summary, add_common, whole_number
+from dipuq.data.phantoms import shepp_logan
+from dipuq.geometry import Geometry
+from dipuq.operators.simulate import simulate_scan
+from dipuq.run.config import load_config
+from dipuq.run.pipeline import run_pipeline
 
 DESCRIPTION = """\
 Run the whole pipeline on a built-in 3D Shepp-Logan phantom scanned in a sparse-view cone beam
@@ -50,12 +58,6 @@ SETTINGS = {
 def demo_scan(n: int = 32, views: int = 20, noise_level: float = 0.02, seed: int = 0):
     """A simulated cone-beam scan of the 3D Shepp-Logan phantom (``n``³ voxels, ``views`` angles
     over 360°, Gaussian noise of ``noise_level`` × mean projection) with the phantom as reference."""
-    import numpy as np
-    import torch
-
-    from dipuq.data.phantoms import shepp_logan, simulate_scan
-    from dipuq.geometry import Geometry
-
     g = Geometry.cone3d(np.linspace(0, 2 * np.pi, views, endpoint=False), (n, n, n),
                         det_shape=(int(1.25 * n), int(1.5 * n)), source_origin=4.0 * n, origin_detector=2.0 * n,
                         det_spacing=1.5)
@@ -76,10 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dipuq.run.config import load_config
-    from dipuq.run.pipeline import run_pipeline
-
-    seed = parse_seed(args.seed)
+    seed = whole_number(args.seed, "--seed", 0)
     n, views, noise, preset = SETTINGS["quick" if args.quick else "default"]
     config = load_config(args.config).replace(preset)
     if args.overrides:

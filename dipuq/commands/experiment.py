@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from dipuq.errors import ConfigError
+from dipuq.commands.reconstruct import whole_number
+from dipuq.experiments import experiments_dir, list_experiments, load_experiment, run_experiment
 
 DESCRIPTION = """\
 Reproducible experiments: a named config in experiments/ (phantom or real scan, sparse angles,
@@ -49,8 +51,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def list_main(args: argparse.Namespace) -> int:
-    from dipuq.experiments import experiments_dir, list_experiments, load_experiment
-
     found = list_experiments()
     if not found:
         print(f"no experiments found in {experiments_dir()}")
@@ -65,24 +65,8 @@ def list_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_seeds(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise ConfigError(f"--seeds must be a positive integer, got {text!r}") from None
-    if n < 1:
-        raise ConfigError(f"--seeds must be a positive integer, got {n}")
-    return n
-
-
 def run_main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from dipuq.experiments import load_experiment, run_experiment
-
-    seeds = parse_seeds(args.seeds)
+    seeds = None if args.seeds is None else whole_number(args.seeds, "--seeds", 1)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     spec = load_experiment(args.name, args.overrides, quick=args.quick, cases=cases)
     out = args.out or str(Path("runs") / (spec.name + ("-quick" if args.quick else "")))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from dipuq.data.loaders import load_scan
 from dipuq.errors import ConfigError
+from dipuq.run.config import load_config
+from dipuq.run.pipeline import run_pipeline
 
 DESCRIPTION = """\
 Reconstruct a CT scan with per-voxel error bars: FBP/FDK -> deep image prior fit -> linearisation
@@ -44,14 +47,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
 
 
-def parse_seed(text: str) -> int:
+def whole_number(text: str, option: str, minimum: int) -> int:
+    """``text`` as an integer >= ``minimum`` (0 or 1), or a ConfigError naming ``option``."""
+    kind = "a non-negative" if minimum == 0 else "a positive"
     try:
-        seed = int(text)
+        n = int(text)
     except ValueError:
-        raise ConfigError(f"--seed must be a non-negative integer, got {text!r}") from None
-    if seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, got {seed}")
-    return seed
+        raise ConfigError(f"{option} must be {kind} integer, got {text!r}") from None
+    if n < minimum:
+        raise ConfigError(f"{option} must be {kind} integer, got {n}")
+    return n
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,11 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dipuq.run.config import load_config
-    from dipuq.data.loaders import load_scan
-    from dipuq.run.pipeline import run_pipeline
-
-    seed = parse_seed(args.seed)
+    seed = whole_number(args.seed, "--seed", 0)
     config = load_config(args.config, args.overrides)
     scan = load_scan(args.scan)
     result = run_pipeline(scan, config, args.out, seed=seed, device=args.device, backend=args.backend,

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
+from dipuq.data.scan import Scan
 from dipuq.errors import DipuqError
+from dipuq.show import prepare, viz
 
 DESCRIPTION = """\
 Write slice figures of a run directory: reconstruction, posterior std and, when the scan has a
@@ -38,8 +42,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def load_run(run: Path):
     """(recon, std, reference or None, voxel_size, title) from a run directory."""
-    import numpy as np
-
     if not run.is_dir():
         raise DipuqError(f"run directory not found: {run}")
     for name in ("recon.npy", "std.npy"):
@@ -54,8 +56,6 @@ def load_run(run: Path):
     reference, voxel, title = None, None, run.name
     scans = sorted((run / "stages").glob("*_scan/scan.npz"))
     if scans:
-        from dipuq.data.scan import Scan
-
         scan = Scan.load(scans[0])
         if scan.reference is not None and scan.reference.shape == recon.shape:
             reference = scan.reference
@@ -64,10 +64,9 @@ def load_run(run: Path):
 
 
 def main(args: argparse.Namespace) -> int:
-    from dipuq.show import viz
     run = Path(args.run)
     recon, std, reference, voxel, title = load_run(run)
-    maps = viz.derived_maps(recon, std, reference)
+    maps = prepare.derived_maps(recon, std, reference)
     shape = recon.shape
     index = None
     if args.index is not None:

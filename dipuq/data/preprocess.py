@@ -1,10 +1,8 @@
-"""Preprocessing of scans: raw counts → line integrals, centre of rotation, sparse angles, crop, bin.
+"""Preprocessing of scans: centre of rotation, sparse angles, crop, bin, repeated angles, stripes.
 
-- :func:`line_integrals`: ``y = -log(max((P - D) / (F - D), floor))`` (Beer–Lambert) with counts
-  ``P``, flat (open beam) ``F`` and dark ``D``. The transmission ratio is clipped below at
-  ``floor`` (default 1e-3, so ``y <= 6.9``): photon-starved or noisy pixels where ``P <= D``
-  would otherwise give ``+inf``. Dead pixels (``F <= D``) carry no information; their line
-  integrals are linearly interpolated from the nearest live pixels of the same detector row.
+Raw counts become line integrals in :func:`dipuq.data.scan.line_integrals` (the relation a
+:class:`~dipuq.data.Scan` with raw data holds).
+
 - :func:`estimate_cor`: the rotation axis column, from the projections at θ and θ + 180°, which
   in parallel beam are mirror images of each other about the rotation axis. It goes into the
   geometry (``Geometry.cor_offset``, via :func:`cor_offset_for_axis`); data are never resampled.
@@ -17,9 +15,8 @@
 
 Example::
 
-    >>> y = line_integrals(np.array([[50.0, 100.0]]), flat=np.array([110.0, 110.0]), dark=np.array([10.0, 10.0]))
-    >>> np.round(y, 4)   # -log(40/100), -log(90/100)
-    array([[0.9163, 0.1054]], dtype=float32)
+    >>> sparse = subsample_angles(scan, 30)      # 30 evenly spaced angles
+    >>> small = bin(crop(sparse, cols=(100, 500)), 4)
 """
 
 from __future__ import annotations
@@ -28,11 +25,11 @@ import math
 
 import numpy as np
 
-from dipuq.data.scan import DEFAULT_FLOOR, Scan
+from dipuq.data.scan import DEFAULT_FLOOR, Scan, line_integrals
 from dipuq.errors import DataError
 from dipuq.geometry import Geometry
 
-__all__ = ["line_integrals", "estimate_cor", "axis_column", "cor_offset_for_axis", "subsample_angles", "crop", "bin",
+__all__ = ["estimate_cor", "axis_column", "cor_offset_for_axis", "subsample_angles", "crop", "bin",
            "subsample_indices", "merge_repeated_angles", "repeated_angle_groups", "remove_stripes", "REPEATED",
            "STRIPE_METHODS"]
 
@@ -40,46 +37,6 @@ __all__ = ["line_integrals", "estimate_cor", "axis_column", "cor_offset_for_axis
 REPEATED = ("mean", "keep")
 #: Stripe filters of :func:`remove_stripes` ("none" = leave the sinogram as is).
 STRIPE_METHODS = ("none", "mean", "sort")
-
-
-def line_integrals(counts, flat, dark, *, floor: float = DEFAULT_FLOOR) -> np.ndarray:
-    """Flat/dark-corrected line integrals ``-log(max((P - D) / (F - D), floor))``, float32.
-
-    Parameters
-    ----------
-    counts : raw counts ``P``, (angles, *det_shape)
-    flat, dark : fields ``F``, ``D`` of detector shape ``det_shape`` (already averaged)
-    floor : lower clip of the transmission ratio, in (0, 1); line integrals are at most ``-log(floor)``
-
-    Dead pixels (``F <= D``) are filled by linear interpolation along their detector row.
-    """
-    if not 0 < floor < 1:
-        raise DataError(f"floor must lie in (0, 1), got {floor}")
-    P = np.asarray(counts, dtype=np.float64)  # shape: (angles, *det)
-    F, D = np.asarray(flat, dtype=np.float64), np.asarray(dark, dtype=np.float64)  # shape: det
-    if F.shape != P.shape[1:] or D.shape != P.shape[1:]:
-        raise DataError(f"flat {F.shape} and dark {D.shape} must match the detector shape {P.shape[1:]}")
-    dead = ~(F > D)  # shape: det
-    ratio = (P - D) / np.where(dead, 1.0, F - D)
-    y = -np.log(np.maximum(ratio, floor))
-    if dead.any():
-        y = _fill_dead(y, dead)
-    return y.astype(np.float32)
-
-
-def _fill_dead(y: np.ndarray, dead: np.ndarray) -> np.ndarray:
-    """Interpolate ``y[..., dead]`` along the last (column) axis from live pixels of the same row."""
-    y2 = y.reshape(y.shape[0], -1, y.shape[-1])  # shape: (angles, rows, cols)
-    dead2 = dead.reshape(-1, dead.shape[-1])  # shape: (rows, cols)
-    cols = np.arange(dead2.shape[1])
-    for r in np.flatnonzero(dead2.any(axis=1)):
-        live = ~dead2[r]
-        if not live.any():
-            y2[:, r, :] = 0.0
-            continue
-        for a in range(y2.shape[0]):
-            y2[a, r, ~live] = np.interp(cols[~live], cols[live], y2[a, r, live])
-    return y2.reshape(y.shape)
 
 
 def estimate_cor(sino, angles=None, *, max_angle_error_deg: float = 2.0) -> float:
@@ -384,7 +341,7 @@ def remove_stripes(scan: Scan, method: str = "mean", size: int = 15) -> Scan:
     Raw counts / flat / dark are dropped (the filtered line integrals are no longer their
     ``-log``); ``meta["stripe"]`` records the filter.
     """
-    from scipy.ndimage import median_filter
+    from scipy.ndimage import median_filter  # heavy: imported only when a stripe filter runs
 
     if method not in STRIPE_METHODS:
         raise DataError(f"stripe filter: use one of {', '.join(STRIPE_METHODS)}, got {method!r}")

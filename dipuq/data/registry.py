@@ -8,14 +8,14 @@ variable) that holds them under the same relative paths, otherwise in a download
 SHA-256 is checked, in the mirror and in the cache; a download with the wrong hash is deleted
 and raises :class:`~dipuq.errors.DataError`. Downloads are written to a temporary file and
 renamed into place, so an interrupted download never leaves a partial file under its real name.
-:func:`open_dataset` returns a ready-to-use :class:`~dipuq.data.Scan`.
+:func:`dipuq.data.loaders.open_dataset` turns a registered dataset into a ready-to-use
+:class:`~dipuq.data.Scan`.
 
 Example::
 
-    >>> scan = open_dataset("tooth")                  # 2D parallel, 181 angles, raw → line integrals
-    >>> scan.projections.shape
-    (181, 640)
-    >>> path = fetch("diamond-24737", mirror="/data/mirror")
+    >>> path = fetch("diamond-24737", mirror="/data/mirror")    # .../savu_24737, every file verified
+    >>> get("tooth").loader, get("tooth").options["row"]
+    ('hdf5', 0)
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 from dipuq._io import atomic_path
 from dipuq.errors import DataError
 
-__all__ = ["DataFile", "Dataset", "DATASETS", "register", "get", "fetch", "open_dataset", "cache_path",
-           "sha256sum", "download"]
+__all__ = ["DataFile", "Dataset", "DATASETS", "register", "get", "fetch", "cache_path", "sha256sum", "download",
+           "human_size"]
 
 _CHUNK = 1 << 20
 
@@ -70,7 +70,7 @@ class Dataset:
     def describe(self) -> str:
         """A multi-line text description (what ``dipuq data info NAME`` prints)."""
         lines = [f"{self.name}: {self.title}", f"  kind:       {self.kind}",
-                 f"  size:       {_human(self.size)} in {len(self.files)} file(s)",
+                 f"  size:       {human_size(self.size)} in {len(self.files)} file(s)",
                  f"  licence:    {self.licence}", f"  cite:       {self.citation}", f"  source:     {self.source}"]
         lines += [f"  {k + ':':<11} {v}" for k, v in self.facts.items()]
         more = f" (+{len(self.files) - 1} more)" if len(self.files) > 1 else ""
@@ -395,7 +395,6 @@ def fetch(name: str | Dataset, cache_dir: str | os.PathLike | None = None,
     return root / ds.entry
 
 
-
 def download(url: str, target: str | os.PathLike, sha256: str, *, timeout: float = 60.0, hint: str = "") -> Path:
     """Download ``url`` to ``target`` atomically, verifying its SHA-256; nothing is kept on failure."""
     target = Path(target)
@@ -417,33 +416,8 @@ def download(url: str, target: str | os.PathLike, sha256: str, *, timeout: float
     return target
 
 
-def open_dataset(name: str, *, mirror: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 **opts):
-    """The registered scan ``name`` as a ready :class:`~dipuq.data.Scan` (line integrals, CoR in the geometry).
-
-    ``tooth``: 2D parallel, 181 angles, (181, 640) projections, rotation axis at column 295.6.
-    ``diamond-24737``: 3D parallel, 91 angles, (91, 135, 160) projections, axis at column 85.8.
-    ``psi-wood``: 2D parallel, 625 angles over 360°, (625, 577) line integrals, axis at column 283.7.
-    ``liquidet-n6``: 3D parallel tilt series, 46 tilts (116 frames averaged), (46, 256, 256).
-    ``diamond-k11``: 3D parallel NeXus, 3001 angles, (3001, 22, 26) after the image_key split.
-    ``opts`` override the registry's loader options (e.g. ``row=1`` or ``cor="auto"``).
-    """
-    from dipuq.data.loaders import load_hdf5, load_mat, load_nexus, load_sinogram, load_tiff_stack
-
-    ds = get(name)
-    path = fetch(ds, cache_dir=cache_dir, mirror=mirror)
-    kw = {**ds.options, **opts}
-    if "cor_offset" in opts and "cor" not in opts:
-        kw.pop("cor", None)  # an explicit offset replaces the registry's axis column
-    kw.setdefault("name", ds.name)
-    loader = {"hdf5": load_hdf5, "tiff": load_tiff_stack, "sinogram": load_sinogram, "mat": load_mat,
-              "nexus": load_nexus}[ds.loader]
-    scan = loader(path, **kw)
-    scan.meta.update(dataset=ds.name, licence=ds.licence, source_url=ds.source)
-    return scan
-
-
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
+    """A byte count for people: ``1043312`` → ``"1018.9 KiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -7,8 +7,7 @@ A :class:`Scan` holds the measured data in the form the rest of dipuq uses, ``y 
 - ``geometry``: the :class:`~dipuq.geometry.Geometry` that defines ``A``;
 - optionally the raw data they came from: ``counts`` (same shape as ``projections``) and the
   ``flat`` (open beam) and ``dark`` (no beam) fields (detector shape), with
-  ``projections = -log(clip((counts - dark) / (flat - dark), floor))`` (see
-  :mod:`dipuq.data.preprocess`);
+  ``projections = -log(clip((counts - dark) / (flat - dark), floor))`` (:func:`line_integrals`);
 - optionally a ``reference`` volume (ground truth for simulations, or a high-dose
   reconstruction) of shape ``geometry.vol_shape``, and a ``noise_std`` estimate (scalar, in
   projection units).
@@ -39,7 +38,7 @@ from dipuq._io import atomic_path
 from dipuq.errors import DataError
 from dipuq.geometry import BEAMS, Geometry
 
-__all__ = ["Scan", "MAX_BAD_FRACTION", "DEFAULT_FLOOR"]
+__all__ = ["Scan", "line_integrals", "MAX_BAD_FRACTION", "DEFAULT_FLOOR"]
 
 #: Raw data may contain a few dead pixels (flat <= dark, or zero counts): a real detector does.
 #: They are tolerated (and repaired by preprocessing) up to this fraction of all values; more
@@ -252,8 +251,6 @@ class Scan:
     @classmethod
     def from_arrays(cls, d: dict, *, source: str = "arrays", floor: float | None = None) -> Scan:
         """Build a scan from a dict with the NPZ scan-format keys (see :meth:`load`)."""
-        from dipuq.data.preprocess import line_integrals
-
         d = dict(d)
         unknown = set(d) - _NPZ_KEYS
         if unknown:
@@ -362,6 +359,56 @@ def _shape(a, key: str, source: str) -> tuple[int, ...]:
 def _short(a: np.ndarray) -> str:
     text = " ".join(repr(a.tolist() if a.ndim else a.item()).split())
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def line_integrals(counts, flat, dark, *, floor: float = DEFAULT_FLOOR) -> np.ndarray:
+    """Flat/dark-corrected line integrals ``-log(max((P - D) / (F - D), floor))``, float32.
+
+    Beer–Lambert with counts ``P``, flat (open beam) ``F`` and dark ``D``. The transmission ratio
+    is clipped below at ``floor`` (default 1e-3, so ``y <= 6.9``): photon-starved or noisy pixels
+    where ``P <= D`` would otherwise give ``+inf``. Dead pixels (``F <= D``) carry no information.
+
+    Parameters
+    ----------
+    counts : raw counts ``P``, (angles, *det_shape)
+    flat, dark : fields ``F``, ``D`` of detector shape ``det_shape`` (already averaged)
+    floor : lower clip of the transmission ratio, in (0, 1); line integrals are at most ``-log(floor)``
+
+    Dead pixels are filled by linear interpolation from the live pixels of their detector row.
+
+    Example::
+
+        >>> y = line_integrals(np.array([[50.0, 100.0]]), np.array([110.0, 110.0]), np.array([10.0, 10.0]))
+        >>> np.round(y, 4)   # -log(40/100), -log(90/100)
+        array([[0.9163, 0.1054]], dtype=float32)
+    """
+    if not 0 < floor < 1:
+        raise DataError(f"floor must lie in (0, 1), got {floor}")
+    P = np.asarray(counts, dtype=np.float64)  # shape: (angles, *det)
+    F, D = np.asarray(flat, dtype=np.float64), np.asarray(dark, dtype=np.float64)  # shape: det
+    if F.shape != P.shape[1:] or D.shape != P.shape[1:]:
+        raise DataError(f"flat {F.shape} and dark {D.shape} must match the detector shape {P.shape[1:]}")
+    dead = ~(F > D)  # shape: det
+    ratio = (P - D) / np.where(dead, 1.0, F - D)
+    y = -np.log(np.maximum(ratio, floor))
+    if dead.any():
+        y = _fill_dead(y, dead)
+    return y.astype(np.float32)
+
+
+def _fill_dead(y: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """Interpolate ``y[..., dead]`` along the last (column) axis from live pixels of the same row."""
+    y2 = y.reshape(y.shape[0], -1, y.shape[-1])  # shape: (angles, rows, cols)
+    dead2 = dead.reshape(-1, dead.shape[-1])  # shape: (rows, cols)
+    cols = np.arange(dead2.shape[1])
+    for r in np.flatnonzero(dead2.any(axis=1)):
+        live = ~dead2[r]
+        if not live.any():
+            y2[:, r, :] = 0.0
+            continue
+        for a in range(y2.shape[0]):
+            y2[a, r, ~live] = np.interp(cols[~live], cols[live], y2[a, r, live])
+    return y2.reshape(y.shape)
 
 
 def check_flat_dark(flat: np.ndarray, dark: np.ndarray) -> None:

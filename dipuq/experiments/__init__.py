@@ -385,7 +385,8 @@ def normalise_background(scan, edge_cols: int = 8):
 
 
 def _phantom_scan(spec: ScanSpec, case: CaseSpec, seed: int):
-    from dipuq.data.phantoms import random_ellipsoids, shepp_logan, simulate_scan
+    from dipuq.data.phantoms import random_ellipsoids, shepp_logan
+    from dipuq.operators.simulate import simulate_scan
     from dipuq.geometry import Geometry
 
     shape = tuple(spec.shape)
@@ -432,7 +433,7 @@ def _reference_recon(full, spec: ScanSpec, backend: str, device) -> np.ndarray:
 def _dataset_full(spec: ScanSpec):
     """The registered dataset, binned / cropped / background-normalised (all angles, no reference)."""
     from dipuq.data import preprocess
-    from dipuq.data.registry import open_dataset
+    from dipuq.data.loaders import open_dataset
 
     opts = {"row": spec.row} if spec.row >= 0 else {}
     scan = open_dataset(spec.dataset, mirror=spec.mirror or None, **opts)
@@ -1006,7 +1007,7 @@ def _write_table_csv(path: Path, table: list[dict]) -> None:
 
 
 def _comparison_figures(spec: ExperimentSpec, out: Path, seed: int = 0) -> list[Path]:
-    from dipuq.show import viz
+    from dipuq.show import prepare, viz
     from dipuq.data.scan import Scan
 
     written = []
@@ -1039,7 +1040,7 @@ def _comparison_figures(spec: ExperimentSpec, out: Path, seed: int = 0) -> list[
         p = out / "figures" / f"{case.name}_slices.png"
         viz.save_figure(fig, p, dpi=80)
         written.append(p)
-        curves = [(n, viz.coverage_curve(recons[n] - ref, s)) for n, s in stds.items() if s is not None]
+        curves = [(n, prepare.coverage_curve(recons[n] - ref, s)) for n, s in stds.items() if s is not None]
         if curves:
             fig = viz.reliability_diagram([c[1][0] for c in curves], [c[1][1] for c in curves],
                                           labels=[c[0] for c in curves], title=f"Calibration: {spec.name} / {case.name}")

@@ -1,9 +1,11 @@
-"""Linear operators and CT ray transforms on torch tensors (see :mod:`dipuq.operators.ray`)."""
+"""Linear operators and CT ray transforms on torch tensors (see :mod:`dipuq.operators.ray`), the
+reference reconstructions (:mod:`dipuq.operators.recon`) and simulated scans (:mod:`dipuq.operators.simulate`)."""
 
 from dipuq.operators import recon
 from dipuq.operators.base import AdjointOperator, ComposedOperator, LinearOperator, MatrixOperator
 from dipuq.operators.ray import RayTransform, available_backends, cuda_available
 from dipuq.operators.recon import analytic, cgls, fbp, fdk, sirt
+from dipuq.operators.simulate import simulate_scan
 
 __all__ = [
     "LinearOperator",
@@ -19,4 +21,5 @@ __all__ = [
     "sirt",
     "cgls",
     "analytic",
+    "simulate_scan",
 ]

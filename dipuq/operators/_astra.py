@@ -30,6 +30,8 @@ import functools
 import logging
 
 import numpy as np
+import scipy.sparse as sp
+import torch
 
 from dipuq.errors import DipuqError, GPUUnavailableError
 
@@ -50,7 +52,7 @@ log = logging.getLogger("dipuq.operators")
 
 def _lib():
     """The astra module (imported on first use), or a clear DipuqError if it is missing."""
-    try:
+    try:  # imported on first use: a process that never projects never loads ASTRA (or its CUDA)
         import astra
         import astra.experimental  # noqa: F401  (direct FP/BP calls)
     except Exception as exc:  # pragma: no cover - astra is a hard dependency
@@ -69,8 +71,6 @@ def cuda_available() -> bool:
     Never raises; the answer is cached for the life of the process.
     """
     try:
-        import torch
-
         if not torch.cuda.is_available():
             return False
         return bool(_lib().use_cuda())
@@ -132,8 +132,6 @@ class _Projector2D:
 
 @functools.lru_cache(maxsize=8)
 def _matrix2d_cached(beam, vol_shape, voxel_size, n_cols, vec_bytes, n_views):
-    import scipy.sparse as sp
-
     astra = _lib()
     vectors = np.frombuffer(vec_bytes, dtype=np.float64).reshape(n_views, 6)
     proj = _Projector2D(beam, vol_shape, voxel_size, n_cols, vectors)

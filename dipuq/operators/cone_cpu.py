@@ -11,7 +11,7 @@ stored as a CSR pair (A and Aᵀ), so the adjoint is exact to float rounding.
 Conventions are dipuq's (see :mod:`dipuq.geometry`), which are ASTRA's 3D conventions: ray of
 detector pixel ``(row, col)`` hits ``d + (col - (cols-1)/2) u + (row - (rows-1)/2) v``; cone rays
 start at the source ``r``; line integrals are in world length units (voxel_size units).
-2D geometries are lifted to one-slice 3D ones (:func:`lift3d`), so this projector also serves as
+2D geometries are lifted to one-slice 3D ones (:func:`dipuq.geometry.lift3d`), so this projector also serves as
 an independent cross-check of ASTRA's 2D projectors.
 
 Example::
@@ -31,59 +31,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from dipuq.errors import DipuqError
-from dipuq.geometry import Geometry
+from dipuq.geometry import Geometry, lift3d, rays
 
-__all__ = ["lift3d", "rays", "build_matrix"]
-
-
-def lift3d(geometry: Geometry) -> tuple[str, tuple[int, int, int], tuple[int, int], np.ndarray]:
-    """A geometry as a 3D one: ``(beam3d, vol_shape (z,y,x), det_shape (rows,cols), vectors (n,12))``.
-
-    2D parallel -> 3D parallel and 2D fan -> cone, on the one-slice volume ``(1, y, x)`` with a
-    one-row detector whose row step is ``v = (0, 0, voxel_size)`` (dipuq's 2D coordinates are the
-    z = 0 plane of its 3D ones: no axis flip).
-    """
-    vec = geometry.to_vectors()
-    if geometry.ndim == 3:
-        return geometry.beam, tuple(geometry.vol_shape), tuple(geometry.det_shape), vec
-    n = len(vec)
-    z = np.zeros((n, 1))
-    v = np.tile([0.0, 0.0, geometry.voxel_size], (n, 1))
-    vec3 = np.concatenate([vec[:, 0:2], z, vec[:, 2:4], z, vec[:, 4:6], z, v], 1)
-    beam = "cone" if geometry.beam == "fan" else "parallel"
-    return beam, (1, *geometry.vol_shape), (1, geometry.det_shape[0]), vec3
-
-
-def rays(geometry: Geometry, views=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Rays of (some) views: ``origin (R,3), unit direction (R,3), t_min (R,), t_max (R,)``.
-
-    Points are ``origin + t * direction`` with ``t`` in world units, ``R = n_views * rows * cols``
-    ordered ``(view, row, col)``. Cone rays run from the source (t = 0) to the pixel; parallel
-    rays are infinite lines through the pixel centre.
-    """
-    beam, _, (rows, cols), vec = lift3d(geometry)
-    if views is not None:
-        vec = vec[views]
-    r, d, u, v = vec[:, 0:3], vec[:, 3:6], vec[:, 6:9], vec[:, 9:12]
-    cc = np.arange(cols) - (cols - 1) / 2
-    rr = np.arange(rows) - (rows - 1) / 2
-    # shape: (views, rows, cols, 3)
-    pix = d[:, None, None] + cc[None, None, :, None] * u[:, None, None] + rr[None, :, None, None] * v[:, None, None]
-    pix = pix.reshape(-1, 3)
-    rep = rows * cols
-    if beam == "cone":
-        src = np.repeat(r, rep, axis=0)
-        e = pix - src
-        length = np.linalg.norm(e, axis=1)
-        if np.any(length == 0):
-            raise DipuqError("a detector pixel coincides with the source: check the geometry vectors")
-        return src, e / length[:, None], np.zeros_like(length), length
-    norm = np.linalg.norm(r, axis=1)
-    if np.any(norm == 0):
-        raise DipuqError("a parallel-beam ray direction is zero: check the geometry vectors")
-    e = np.repeat(r / norm[:, None], rep, axis=0)
-    inf = np.full(len(pix), np.inf)
-    return pix, e, -inf, inf
+__all__ = ["build_matrix"]
 
 
 def _block_matrix(a, e, tlo, thi, vol_shape, voxel_size, step):

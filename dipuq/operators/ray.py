@@ -43,10 +43,11 @@ import torch
 
 from dipuq.devices import same_device
 from dipuq.errors import DipuqError
-from dipuq.geometry import Geometry
+from dipuq.geometry import Geometry, lift3d
+from dipuq.memory import check_operator
 from dipuq.operators import _astra
 from dipuq.operators.base import AdjointOperator, LinearOperator
-from dipuq.operators.cone_cpu import build_matrix, lift3d
+from dipuq.operators.cone_cpu import build_matrix
 
 __all__ = ["RayTransform", "cuda_available", "available_backends", "BACKENDS"]
 
@@ -128,8 +129,6 @@ class RayTransform(LinearOperator):
             raise DipuqError(f"RayTransform dtype must be torch.float32 or torch.float64, got {dtype}")
         self.dtype = dtype
         self.device = torch.device(device if device is not None else self.default_device())
-        from dipuq.memory import check_operator
-
         check_operator(geometry, self.key)  # refuse before allocating, not after the OOM killer
 
     # -- per-backend -------------------------------------------------------------------

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from dipuq.errors import DipuqError, DivergenceError
+from dipuq.geometry import lift3d
+from dipuq.operators import _astra
 from dipuq.operators.base import LinearOperator
-from dipuq.operators.cone_cpu import lift3d
 
 __all__ = ["FILTERS", "fbp", "fdk", "analytic", "ray_coverage", "sirt", "cgls", "sirt_iterates", "cgls_iterates",
            "IterState", "ramp_filter", "filtered_backprojection"]
@@ -105,6 +106,36 @@ def _view_frames(beam, vec):
     return n, None, None
 
 
+def _voxel_to_detector(beam, s, d, u, v, nrm, so, affine):
+    """Where every voxel centre lands on one view's detector: ``(a, b, weight)``.
+
+    ``a``, ``b`` are the detector coordinates (in units of ``u`` and ``v``, relative to the
+    detector centre ``d``) of the projection of each voxel centre, shape ``(nz, ny, nx)``; the
+    weight is ``(SO / depth)²`` for a diverging beam, None for a parallel one. ``affine(c, c0)``
+    evaluates ``c·X + c0`` on the voxel grid.
+    """
+    G = np.array([[u @ u, u @ v], [u @ v, v @ v]])
+    Gi = np.linalg.inv(G)
+    us, vs_ = Gi[0, 0] * u + Gi[0, 1] * v, Gi[1, 0] * u + Gi[1, 1] * v  # dual basis
+    if beam == "parallel":
+        r = s
+        rn = r @ nrm
+        coords = []
+        for w in (us, vs_):  # rel·w is affine in X (rel = X + t r - d, t = (d - X)·n / r·n)
+            c = w - nrm * (r @ w) / rn
+            c0 = -d @ w + (d @ nrm) * (r @ w) / rn
+            coords.append(affine(c, c0))
+        a, b = coords
+        return a, b, None
+    den = affine(nrm, -s @ nrm)  # depth of the voxel along n̂: (X - s)·n̂
+    if np.any(den <= 0):
+        raise DipuqError("part of the volume lies behind the source: cannot back-project")
+    N = (d - s) @ nrm
+    a = (s - d) @ us + N * affine(us, -s @ us) / den
+    b = (s - d) @ vs_ + N * affine(vs_, -s @ vs_) / den
+    return a, b, (so / den) ** 2
+
+
 def filtered_backprojection(A, y: torch.Tensor, filter: str = "ramp") -> torch.Tensor:
     """FBP/FDK of projections ``y (*batch, *proj_shape)`` -> ``(*batch, *vol_shape)``. See module docs."""
     g = _check_geometry_op(A, y)
@@ -150,28 +181,8 @@ def filtered_backprojection(A, y: torch.Tensor, filter: str = "ramp") -> torch.T
     for v0 in range(0, V, chunk):
         grids, weights = [], []
         for i in range(v0, min(V, v0 + chunk)):
-            G = np.array([[u[i] @ u[i], u[i] @ v[i]], [u[i] @ v[i], v[i] @ v[i]]])
-            Gi = np.linalg.inv(G)
-            us, vs_ = Gi[0, 0] * u[i] + Gi[0, 1] * v[i], Gi[1, 0] * u[i] + Gi[1, 1] * v[i]  # dual basis
-            nrm = n_hat[i]
-            if beam == "parallel":
-                r = s[i]
-                rn = r @ nrm
-                coords = []
-                for w in (us, vs_):  # rel·w is affine in X (rel = X + t r - d, t = (d - X)·n / r·n)
-                    c = w - nrm * (r @ w) / rn
-                    c0 = -d[i] @ w + (d[i] @ nrm) * (r @ w) / rn
-                    coords.append(affine(c, c0))
-                a, b = coords
-                wgt = None
-            else:
-                den = affine(nrm, -s[i] @ nrm)  # depth of the voxel along n̂: (X - s)·n̂
-                if np.any(den <= 0):
-                    raise DipuqError("part of the volume lies behind the source: cannot back-project")
-                N = (d[i] - s[i]) @ nrm
-                a = (s[i] - d[i]) @ us + N * affine(us, -s[i] @ us) / den
-                b = (s[i] - d[i]) @ vs_ + N * affine(vs_, -s[i] @ vs_) / den
-                wgt = (so[i] / den) ** 2
+            a, b, wgt = _voxel_to_detector(beam, s[i], d[i], u[i], v[i], n_hat[i], so[i] if so is not None else None,
+                                           affine)
             col = a + (cols - 1) / 2
             row = b + (rows - 1) / 2
             gx = 2 * col / (cols - 1) - 1 if cols > 1 else np.where(np.abs(col) < 1, 0.0, 2.0)
@@ -215,8 +226,6 @@ def fdk(A: LinearOperator, y: torch.Tensor, filter: str = "ramp", impl: str = "t
         return filtered_backprojection(A, y, filter)
     if impl != "astra":
         raise DipuqError(f"unknown fdk impl {impl!r}: use 'torch' or 'astra'")
-    from dipuq.operators import _astra
-
     _astra.require_cuda("fdk(impl='astra')")
     _, vol3, det3, vec = lift3d(g)
     lead = y.shape[: y.ndim - 3]

@@ -26,20 +26,21 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
+from dipuq._io import atomic_write_text
 from dipuq.dip.fit import DipConfig
-from dipuq.errors import ConfigError
 from dipuq.dip.networks import NetworkConfig
+from dipuq.errors import ConfigError
+from dipuq.run.values import check_range, coerce, suggest
 from dipuq.samplers import SamplerConfig
 
 __all__ = [
@@ -61,7 +62,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "config_digest",
-    "describe_config",
 ]
 
 
@@ -195,109 +195,6 @@ def _sections(cfg_cls=Config) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cfg_cls)}
 
 
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(options)})"
-
-
-def _type_name(hint) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (list, tuple):
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "none"}.get(
-        hint, getattr(hint, "__name__", str(hint))
-    )
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce(value: Any, hint, where: str, text: bool):
-    """``value`` checked (and, when it came from command-line text, parsed) against ``hint``."""
-    origin = typing.get_origin(hint)
-    bad = ConfigError(f"{where} must be {_type_name(hint)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-                              + (_suggest(value, [str(c) for c in choices]) if isinstance(value, str) else ""))
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None or (text and isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where, text)
-            except ConfigError:
-                pass
-        raise bad
-    if origin in (list, tuple):
-        (item,) = typing.get_args(hint)[:1]
-        if text and isinstance(value, str):
-            s = value.strip().strip("[]()")
-            value = [v.strip() for v in s.split(",") if v.strip()] if s else []
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        out = [_coerce(v, item, f"{where}[{i}]", text) for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if hint is bool:
-        if text and isinstance(value, (str, int)) and str(value).lower() in _TRUE | _FALSE:
-            return str(value).lower() in _TRUE
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if hint is int:
-        if text and isinstance(value, str):
-            try:
-                value = int(value.replace("_", ""))
-            except ValueError:
-                raise bad from None
-        if isinstance(value, float) and value.is_integer() and not text:
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if hint is float:
-        if text and isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        if not math.isfinite(value):
-            raise ConfigError(f"{where} must be finite, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if hint is Any:
-        return value
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise bad
-    return value
-
-
-def _check_range(value, f: dataclasses.Field, where: str) -> None:
-    m = f.metadata
-    checks = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
-    for key, ok, sym in checks:
-        bound = m.get(key)
-        if bound is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value, bound):
-            raise ConfigError(f"{where} must be {sym} {bound:g}, got {value!r}")
-
-
 def _is_section(hint) -> bool:
     return isinstance(hint, type) and dataclasses.is_dataclass(hint)
 
@@ -314,7 +211,7 @@ def _build_section(cls: type, values: dict[str, Any], section: str, *, text: boo
     hints = typing.get_type_hints(cls)
     for key in values:
         if key not in fields:
-            raise ConfigError(f"unknown key {key!r} in section [{section}]" + _suggest(str(key), fields))
+            raise ConfigError(f"unknown key {key!r} in section [{section}]" + suggest(str(key), fields))
     kwargs = {}
     for name, f in fields.items():
         where = f"{section}.{name}"
@@ -323,8 +220,8 @@ def _build_section(cls: type, values: dict[str, Any], section: str, *, text: boo
             if name in values or old is not None:
                 kwargs[name] = _build_section(hints[name], values.get(name, {}), where, text=text, base=old)
         elif name in values:
-            v = _coerce(values[name], hints[name], where, text)
-            _check_range(v, f, where)
+            v = coerce(values[name], hints[name], where, text)
+            check_range(v, f, where)
             kwargs[name] = v
         elif base is not None:
             kwargs[name] = list(old) if isinstance(old, list) else old
@@ -343,7 +240,7 @@ def config_from_dict(d: dict[str, Any], *, source: str = "config", cfg_cls=Confi
     sections = _sections(cfg_cls)
     for name in d:
         if name not in sections:
-            raise ConfigError(f"{source}: unknown section [{name}]" + _suggest(str(name), sections))
+            raise ConfigError(f"{source}: unknown section [{name}]" + suggest(str(name), sections))
     defaults = cfg_cls()
     return cfg_cls(**{name: _build_section(cls, d.get(name) or {}, name, base=getattr(defaults, name))
                       for name, cls in sections.items()})
@@ -386,7 +283,7 @@ def apply_overrides(cfg: Config, overrides) -> Config:
     for path, value, text in items:
         section = path[0]
         if section not in sections:
-            raise ConfigError(f"unknown section [{section}] in override {'.'.join(path)}" + _suggest(section, sections))
+            raise ConfigError(f"unknown section [{section}] in override {'.'.join(path)}" + suggest(section, sections))
         node = grouped.setdefault(section, {})
         for part in path[1:-1]:
             node = node.setdefault(part, {})
@@ -418,8 +315,6 @@ def _read_file(path: Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     if suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -471,8 +366,6 @@ def _toml_table(obj, name: str, lines: list[str]) -> None:
 def dumps_config(cfg: Config, fmt: Literal["toml", "yaml"] = "toml") -> str:
     """The resolved config as TOML (with each key's help as a comment) or YAML text."""
     if fmt == "yaml":
-        import yaml
-
         return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     lines = ["# dipuq resolved configuration (reuse with: dipuq reconstruct ... --config THIS_FILE)"]
     for f in dataclasses.fields(cfg):
@@ -482,8 +375,6 @@ def dumps_config(cfg: Config, fmt: Literal["toml", "yaml"] = "toml") -> str:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write ``cfg`` atomically as TOML or YAML (by suffix); :func:`load_config` reads it back."""
-    from dipuq._io import atomic_write_text
-
     path = Path(path)
     fmt = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml"
     atomic_write_text(path, dumps_config(cfg, fmt))
@@ -496,27 +387,6 @@ def config_digest(obj) -> str:
         obj = dataclasses.asdict(obj)
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def describe_config(cfg_cls=Config) -> str:
-    """All sections and keys with types, defaults and help (for ``--help`` epilogues and docs)."""
-    out = []
-
-    def walk(cls, name, indent):
-        doc = (cls.__doc__ or "").strip().splitlines()
-        out.append(f"{indent}[{name}]  {doc[0] if doc else ''}")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if _is_section(hints[f.name]):
-                walk(hints[f.name], f"{name}.{f.name}", indent + "  ")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_ = f.metadata.get("help", "")
-            out.append(f"{indent}  {f.name} = {default!r}  ({_type_name(hints[f.name])})" + (f"  {help_}" if help_ else ""))
-
-    for name, cls in _sections(cfg_cls).items():
-        walk(cls, name, "")
-    return "\n".join(out)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -5,7 +5,7 @@ the few lines of JavaScript that drive the sliders are inline, so it can be mail
 opened offline. For each axis (axial / coronal / sagittal; a single view in 2D) a slider moves
 through at most ``n_slices`` evenly spaced slices, pre-rendered for each quantity
 (reconstruction, reference, posterior std, |error|, z-score) with the colour scales of
-:func:`dipuq.show.viz.display_scales` (fixed over all slices, so slices compare directly).
+:func:`dipuq.show.prepare.display_scales` (fixed over all slices, so slices compare directly).
 
 Rendering goes through :mod:`dipuq.show.viz` (the only matplotlib user); this module writes HTML.
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from dipuq.show import viz
 from dipuq._io import atomic_write_text, to_jsonable
+from dipuq.show import prepare, viz
 
 __all__ = ["write_report", "render_report", "METRIC_DESCRIPTIONS"]
 
@@ -150,25 +150,25 @@ def _downsample(img: np.ndarray, max_px: int) -> np.ndarray:
 
 def _frames(maps: dict[str, np.ndarray], n_slices: int, zscore_limit: float, max_px: int) -> tuple[dict, dict]:
     """Pre-rendered base64 PNG slices per axis and quantity, plus one colour bar per quantity."""
-    scales = viz.display_scales(maps, zscore_limit)
-    names = [q for q in viz.QUANTITIES if q in maps]
+    scales = prepare.display_scales(maps, zscore_limit)
+    names = [q for q in prepare.QUANTITIES if q in maps]
     shape = maps[names[0]].shape
     cbars = {}
     for q in names:
         lo, hi = scales[q]
-        cbars[q] = _b64(viz.colorbar_png(viz.QUANTITIES[q][1], lo, hi, width=2.4))
+        cbars[q] = _b64(viz.colorbar_png(prepare.QUANTITIES[q][1], lo, hi, width=2.4))
     frames = {}
     axes = ("z", "y", "x") if len(shape) == 3 else ("z",)
     for a in axes:
         n = shape["zyx".index(a)] if len(shape) == 3 else 1
-        idx = viz.slice_indices(n, n_slices)
+        idx = prepare.slice_indices(n, n_slices)
         images = {q: [] for q in names}
         for k in idx:
             for q in names:
                 lo, hi = scales[q]
-                img = _downsample(viz.take_slice(maps[q], a, k), max_px)
-                images[q].append(_b64(viz.array_png(img, viz.QUANTITIES[q][1], lo, hi)))
-        name = f"{viz.AXES[a]} slice {a}" if len(shape) == 3 else "slice"
+                img = _downsample(prepare.take_slice(maps[q], a, k), max_px)
+                images[q].append(_b64(viz.array_png(img, prepare.QUANTITIES[q][1], lo, hi)))
+        name = f"{prepare.AXES[a]} slice {a}" if len(shape) == 3 else "slice"
         frames[a] = {"indices": idx, "size": n, "name": name, "quantities": names, "images": images,
                      "start": idx.index(n // 2) if n // 2 in idx else len(idx) // 2}
     return frames, cbars
@@ -203,7 +203,7 @@ def render_report(
     max_px : slices larger than this are subsampled for the viewer
     warnings : lines shown in a box at the top (e.g. "the FBP explains the held-out data better")
     """
-    maps = viz.derived_maps(recon, std, reference)
+    maps = prepare.derived_maps(recon, std, reference)
     frames, cbars = _frames(maps, n_slices, zscore_limit, max_px)
     parts = [
         "<!DOCTYPE html>",
@@ -216,40 +216,8 @@ def render_report(
     for w in warnings:
         parts.append(f'<p class="warn"><b>Warning:</b> {html.escape(w)}</p>')
 
-    # -- slice viewer
-    parts.append("<h2>Slices</h2>")
-    explain = ("x̂ is the reconstruction (the fitted deep image prior), σ the per-voxel posterior standard deviation "
-               "(the error bar). ")
-    if reference is not None:
-        explain += ("|error| is the actual error against the reference (σ and |error| each have their own colour "
-                    "scale: compare the numbers on the bars). The z-score (x̂ − x_ref)/σ compares the two voxel by "
-                    "voxel: it looks like pale noise where the error bars are right; saturated red/blue marks errors "
-                    "the error bars do not cover.")
-    parts.append(f'<p class="note">{html.escape(explain)} Colour scales are fixed across slices.</p>')
-    for a, f in frames.items():
-        view = viz.AXES[a].capitalize() if len(frames) > 1 else "Image"
-        parts.append(f'<div class="viewer" id="viewer-{a}"><div class="ctrl"><b>{view}</b>')
-        parts.append(f'<input type="range" id="slider-{a}" min="0" max="{len(f["indices"]) - 1}" step="1" '
-                     f'value="{f["start"]}" aria-label="{view} slice">')
-        parts.append(f'<span id="label-{a}" class="label"></span></div><div class="panels">')
-        for q in f["quantities"]:
-            parts.append(f'<figure><figcaption>{html.escape(viz.QUANTITIES[q][0])}</figcaption>'
-                         f'<img class="slice" id="img-{a}-{q}" alt="{html.escape(viz.QUANTITIES[q][0])}" '
-                         f'src="data:image/png;base64,{f["images"][q][f["start"]]}">'
-                         f'<img class="cbar" alt="colour scale" src="data:image/png;base64,{cbars[q]}"></figure>')
-        parts.append("</div></div>")
-
-    # -- metrics
-    if metrics:
-        parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>meaning</th></tr>")
-        for k, v in _flat_metrics(metrics):
-            label, meaning = METRIC_DESCRIPTIONS.get(k.split(".")[-1], (k, ""))
-            parts.append(f'<tr><td>{html.escape(label)}</td><td class="num">{_fmt(v)}</td><td>{html.escape(meaning)}</td></tr>')
-        parts.append("</table>")
-    elif reference is None:
-        parts.append('<h2>Metrics</h2><p class="note">No reference volume: error, z-score, calibration and '
-                     "metrics need one (simulated scans and the demo have it).</p>")
-
+    parts += _viewer_html(frames, cbars, reference is not None)
+    parts += _metrics_html(metrics, reference is not None)
     # -- figures
     if figures:
         parts.append('<h2>Diagnostics</h2><div class="figs">')
@@ -269,6 +237,47 @@ def render_report(
     parts.append(f'<script type="application/json" id="frames">{data}</script>')
     parts.append(f"<script>{_JS}</script></main></body></html>")
     return "\n".join(p for p in parts if p)
+
+
+def _viewer_html(frames: dict, cbars: dict, has_reference: bool) -> list[str]:
+    """The slice viewer: one slider per axis over pre-rendered slices of every quantity."""
+    parts = ["<h2>Slices</h2>"]
+    explain = ("x̂ is the reconstruction (the fitted deep image prior), σ the per-voxel posterior standard deviation "
+               "(the error bar). ")
+    if has_reference:
+        explain += ("|error| is the actual error against the reference (σ and |error| each have their own colour "
+                    "scale: compare the numbers on the bars). The z-score (x̂ − x_ref)/σ compares the two voxel by "
+                    "voxel: it looks like pale noise where the error bars are right; saturated red/blue marks errors "
+                    "the error bars do not cover.")
+    parts.append(f'<p class="note">{html.escape(explain)} Colour scales are fixed across slices.</p>')
+    for a, f in frames.items():
+        view = prepare.AXES[a].capitalize() if len(frames) > 1 else "Image"
+        parts.append(f'<div class="viewer" id="viewer-{a}"><div class="ctrl"><b>{view}</b>')
+        parts.append(f'<input type="range" id="slider-{a}" min="0" max="{len(f["indices"]) - 1}" step="1" '
+                     f'value="{f["start"]}" aria-label="{view} slice">')
+        parts.append(f'<span id="label-{a}" class="label"></span></div><div class="panels">')
+        for q in f["quantities"]:
+            parts.append(f'<figure><figcaption>{html.escape(prepare.QUANTITIES[q][0])}</figcaption>'
+                         f'<img class="slice" id="img-{a}-{q}" alt="{html.escape(prepare.QUANTITIES[q][0])}" '
+                         f'src="data:image/png;base64,{f["images"][q][f["start"]]}">'
+                         f'<img class="cbar" alt="colour scale" src="data:image/png;base64,{cbars[q]}"></figure>')
+        parts.append("</div></div>")
+    return parts
+
+
+def _metrics_html(metrics: Mapping[str, Any] | None, has_reference: bool) -> list[str]:
+    """The metrics table (known names with their meaning), or why there is none."""
+    parts = []
+    if metrics:
+        parts.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>meaning</th></tr>")
+        for k, v in _flat_metrics(metrics):
+            label, meaning = METRIC_DESCRIPTIONS.get(k.split(".")[-1], (k, ""))
+            parts.append(f'<tr><td>{html.escape(label)}</td><td class="num">{_fmt(v)}</td><td>{html.escape(meaning)}</td></tr>')
+        parts.append("</table>")
+    elif not has_reference:
+        parts.append('<h2>Metrics</h2><p class="note">No reference volume: error, z-score, calibration and '
+                     "metrics need one (simulated scans and the demo have it).</p>")
+    return parts
 
 
 def write_report(path: str | Path, recon, std, **kw) -> Path:

@@ -18,6 +18,7 @@ Quantities shown (``x̂`` reconstruction, ``σ`` posterior std, ``x_ref`` refere
 
 Slices of a volume ``(z, y, x)``: axial = fixed z (image y × x), coronal = fixed y (z × x),
 sagittal = fixed x (z × y). Images are drawn as arrays (row 0 at the top), voxels square.
+The maps, colour scales and slices come from :mod:`dipuq.show.prepare` (numpy only).
 
 Example::
 
@@ -41,17 +42,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from dipuq._io import atomic_write_bytes
+from dipuq.show.prepare import AXES, QUANTITIES, derived_maps, display_scales, take_slice
+
 __all__ = [
-    "AXES",
-    "QUANTITIES",
-    "derived_maps",
     "coverage_map",
-    "display_scales",
-    "take_slice",
-    "slice_indices",
     "orthoslices",
     "reliability_diagram",
-    "coverage_curve",
     "std_error_hexbin",
     "loss_curve",
     "curves_figure",
@@ -62,100 +59,7 @@ __all__ = [
     "colorbar_png",
 ]
 
-AXES = {"z": "axial", "y": "coronal", "x": "sagittal"}
-# name -> (panel title, colormap); scales are computed by display_scales
-QUANTITIES = {
-    "recon": ("Reconstruction x̂", "gray"),
-    "reference": ("Reference x_ref", "gray"),
-    "std": ("Posterior std σ", "magma"),
-    "abs_error": ("|error| = |x̂ − x_ref|", "magma"),
-    "zscore": ("z-score (x̂ − x_ref)/σ", "RdBu_r"),
-}
 _AXIS_DIMS = {"z": ("y", "x"), "y": ("z", "x"), "x": ("z", "y")}
-
-
-# -------------------------------------------------------------------------------------------
-# Data preparation (numpy only)
-# -------------------------------------------------------------------------------------------
-
-
-def derived_maps(recon, std, reference=None) -> dict[str, np.ndarray]:
-    """``{recon, std[, reference, abs_error, zscore]}`` as float32 arrays of the volume's shape."""
-    recon = np.asarray(recon, dtype=np.float32)
-    std = np.asarray(std, dtype=np.float32)
-    if std.shape != recon.shape:
-        raise ValueError(f"std shape {std.shape} differs from recon shape {recon.shape}")
-    out = {"recon": recon}
-    if reference is not None:
-        reference = np.asarray(reference, dtype=np.float32)
-        if reference.shape != recon.shape:
-            raise ValueError(f"reference shape {reference.shape} differs from recon shape {recon.shape}")
-        err = recon - reference
-        out["reference"] = reference
-        out["std"] = std
-        out["abs_error"] = np.abs(err)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = err / np.maximum(std, np.finfo(np.float32).tiny)
-        out["zscore"] = np.nan_to_num(z, nan=0.0, posinf=1e6, neginf=-1e6).astype(np.float32)
-    else:
-        out["std"] = std
-    return out
-
-
-def display_scales(maps: Mapping[str, np.ndarray], zscore_limit: float = 3.0) -> dict[str, tuple[float, float]]:
-    """Colour limits: recon & reference share robust grey limits (0.5–99.5 %), std and |error| are
-    each ``[0, 99.5 %]``, z-score is ``±zscore_limit``."""
-    def pct(arrays, lo, hi):
-        v = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-        v = v[np.isfinite(v)]
-        if v.size == 0:
-            return 0.0, 1.0
-        a, b = np.percentile(v, [lo, hi])
-        return float(a), float(b if b > a else a + max(abs(a), 1.0) * 1e-6)
-
-    scales = {}
-    grey = [maps[k] for k in ("reference", "recon") if k in maps]
-    scales["recon"] = scales["reference"] = pct(grey, 0.5, 99.5)
-    for k in ("std", "abs_error"):
-        if k in maps:
-            scales[k] = (0.0, max(pct([maps[k]], 0.0, 99.5)[1], 1e-12))
-    scales["zscore"] = (-float(zscore_limit), float(zscore_limit))
-    return {k: v for k, v in scales.items() if k in maps}
-
-
-def take_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
-    """The 2D slice of a ``(z, y, x)`` volume at ``index`` along ``axis`` (a 2D image is returned as is)."""
-    volume = np.asarray(volume)
-    if volume.ndim == 2:
-        return volume
-    k = "zyx".index(axis)
-    return np.take(volume, index, axis=k)
-
-
-def slice_indices(n: int, count: int) -> list[int]:
-    """At most ``count`` evenly spaced slice indices in ``[0, n)``, always including the middle."""
-    if n <= count:
-        return list(range(n))
-    idx = set(np.round(np.linspace(0, n - 1, count)).astype(int).tolist())
-    idx.add(n // 2)
-    while len(idx) > count:  # the middle pushed us one over: drop the neighbour of the middle
-        near = sorted(idx - {n // 2}, key=lambda i: abs(i - n // 2))[0]
-        idx.discard(near)
-    return sorted(idx)
-
-
-def coverage_curve(error, std, levels=None, df: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Empirical coverage of central intervals ``x̂ ± k(p) σ`` at nominal levels p: Gaussian
-    (k = Φ⁻¹((1+p)/2)) or, with ``df``, Student-t scaled to standard deviation σ."""
-    from dipuq.maps.calibration import interval_multiplier
-
-    levels = np.linspace(0.05, 0.99, 48) if levels is None else np.asarray(levels, dtype=np.float64)
-    e = np.abs(np.asarray(error, dtype=np.float64)).ravel()
-    s = np.asarray(std, dtype=np.float64).ravel()
-    q = np.array([interval_multiplier(float(lv), df) for lv in levels])
-    ratio = np.sort(e / np.maximum(s, 1e-30))
-    empirical = np.searchsorted(ratio, q, side="right") / ratio.size
-    return levels, empirical
 
 
 # -------------------------------------------------------------------------------------------
@@ -414,8 +318,6 @@ def figure_png(fig: Figure, dpi: int = 110) -> bytes:
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write the figure as a PNG atomically and return the path."""
-    from dipuq._io import atomic_write_bytes
-
     return atomic_write_bytes(path, figure_png(fig, dpi))
 
 

@@ -14,7 +14,7 @@ from dipuq.run.context import RunContext, Stage
 from dipuq.run.stages.data import FULL_COVERAGE
 from dipuq.run.stages.fit import dip_unfinished
 from dipuq.run.stages.posterior import SAMPLER_RESIDUAL_WARN
-from dipuq.show import viz
+from dipuq.show import prepare, viz
 from dipuq.show.report import write_report
 
 __all__ = ["FIGURES", "REPORT"]
@@ -25,7 +25,7 @@ def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
     scan, maps, dip = ctx["scan"], ctx["maps"], ctx["dip"]
     ref = scan.reference
     out = {}
-    quantities = viz.derived_maps(maps.mean, maps.std, ref)
+    quantities = prepare.derived_maps(maps.mean, maps.std, ref)
     out["slices"] = ("Orthogonal slices through the centre" if scan.ndim == 3 else "Reconstruction and error bars",
                      viz.orthoslices(quantities, zscore_limit=cfg.zscore_limit, voxel_size=scan.geometry.voxel_size))
     mask = ctx["coverage"] >= FULL_COVERAGE
@@ -41,10 +41,10 @@ def _figure_set(ctx: RunContext, cfg) -> dict[str, Any]:
                                     ylabel="fraction of held-out rays inside"))
     if ref is not None:
         err = maps.mean - ref
-        nominal, empirical = viz.coverage_curve(err[mask], maps.std[mask], df=maps.meta.get("df"))
+        nominal, empirical = prepare.coverage_curve(err[mask], maps.std[mask], df=maps.meta.get("df"))
         curves, labels = [empirical], ["dipuq (calibrated)" if maps.meta.get("calibrated") else "dipuq"]
         if maps.meta.get("calibrated"):
-            curves.append(viz.coverage_curve(err[mask], np.load(ctx.run.path("std_raw.npy"))[mask])[1])
+            curves.append(prepare.coverage_curve(err[mask], np.load(ctx.run.path("std_raw.npy"))[mask])[1])
             labels.append("linearised posterior (raw)")
         out["calibration"] = ("Reliability diagram: coverage of x̂ ± qσ", viz.reliability_diagram(
             [nominal] * len(curves), curves, labels=labels))
