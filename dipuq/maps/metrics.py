@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from dipuq.errors import DipuqError
+from dipuq.maps.calibration import interval_multiplier, log_density
 
 __all__ = [
     "psnr", "ssim", "gaussian_log_likelihood", "log_likelihood", "coverage", "calibration_error", "spearman",
@@ -120,8 +121,6 @@ def log_likelihood(ref, mean, std, df: float | None = None, eps: float = 1e-12) 
     Student-t of ``df`` degrees of freedom with standard deviation std (the calibrated maps' shape)."""
     if df is None:
         return gaussian_log_likelihood(ref, mean, std, eps)
-    from dipuq.maps.calibration import log_density
-
     ref, mean, std = _same(ref, mean, std)
     r = (ref - mean).reshape(-1).numpy()
     return float(np.mean(log_density(r, std.clamp(min=eps).pow(2).reshape(-1).numpy(), df)))
@@ -130,8 +129,6 @@ def log_likelihood(ref, mean, std, df: float | None = None, eps: float = 1e-12) 
 def coverage(ref, mean, std, levels=DEFAULT_LEVELS, df: float | None = None) -> dict[float, float]:
     """Empirical coverage of the central intervals mean ± k(ℓ)·std, for each level ℓ, where k(ℓ) is
     Φ⁻¹((1+ℓ)/2) (Gaussian, ``df`` None) or the Student-t quantile scaled to unit variance."""
-    from dipuq.maps.calibration import interval_multiplier
-
     ref, mean, std = _same(ref, mean, std)
     az = (ref - mean).abs()
     out = {}
