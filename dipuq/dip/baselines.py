@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -103,33 +103,36 @@ class Analytic(Baseline):
 
 
 @dataclass
-class SIRT(Baseline):
-    """SIRT x ← x + C Aᵀ R (y − A x) for ``n_iter`` iterations, via ``recon.sirt``."""
+class _Iterative(Baseline):
+    """A least-squares solver of ``recon`` (``solver``) run for ``n_iter`` iterations."""
 
-    name: ClassVar[str] = "sirt"
-    n_iter: int = 100
+    solver: ClassVar[Callable]
+    n_iter: int = 1
 
     def __post_init__(self):
-        _positive_int(self.n_iter, "sirt.n_iter")
+        _positive_int(self.n_iter, f"{self.name}.n_iter")
 
     def reconstruct(self, A, y, *, generator=None, x_input=None) -> BaselineResult:
         y = _validate(A, y)
-        return BaselineResult(self.name, recon.sirt(A, y, self.n_iter).reshape(A.domain_shape))
+        return BaselineResult(self.name, type(self).solver(A, y, self.n_iter).reshape(A.domain_shape))
 
 
 @dataclass
-class CGLS(Baseline):
+class SIRT(_Iterative):
+    """SIRT x ← x + C Aᵀ R (y − A x) for ``n_iter`` iterations, via ``recon.sirt``."""
+
+    name: ClassVar[str] = "sirt"
+    solver: ClassVar[Callable] = staticmethod(recon.sirt)
+    n_iter: int = 100
+
+
+@dataclass
+class CGLS(_Iterative):
     """CGLS (conjugate gradients on AᵀA x = Aᵀy) for ``n_iter`` iterations, via ``recon.cgls``."""
 
     name: ClassVar[str] = "cgls"
+    solver: ClassVar[Callable] = staticmethod(recon.cgls)
     n_iter: int = 20
-
-    def __post_init__(self):
-        _positive_int(self.n_iter, "cgls.n_iter")
-
-    def reconstruct(self, A, y, *, generator=None, x_input=None) -> BaselineResult:
-        y = _validate(A, y)
-        return BaselineResult(self.name, recon.cgls(A, y, self.n_iter).reshape(A.domain_shape))
 
 
 def _positive_int(v, what):
