@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dipuq.errors import ConfigError
+from dipuq.experiments import experiments_dir, list_experiments, load_experiment, run_experiment
 
 DESCRIPTION = """\
 Reproducible experiments: a named config in experiments/ (phantom or real scan, sparse angles,
@@ -49,8 +51,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def list_main(args: argparse.Namespace) -> int:
-    from dipuq.experiments import experiments_dir, list_experiments, load_experiment
-
     found = list_experiments()
     if not found:
         print(f"no experiments found in {experiments_dir()}")
@@ -78,10 +78,6 @@ def parse_seeds(text: str | None) -> int | None:
 
 
 def run_main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from dipuq.experiments import load_experiment, run_experiment
-
     seeds = parse_seeds(args.seeds)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     spec = load_experiment(args.name, args.overrides, quick=args.quick, cases=cases)
