@@ -103,6 +103,7 @@ def _serve_pipeline_runs(dist) -> None:
 
 
 def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> ExperimentResult:
+    """:func:`run_experiment` on rank 0 (or alone): check, run what is not done, write tables and figures."""
     seeds = spec.experiment.seeds if seeds is None else seeds
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")

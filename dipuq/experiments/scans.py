@@ -128,7 +128,7 @@ def build_scan(spec: ExperimentSpec, case: CaseSpec, seed: int, device="cpu") ->
         return _phantom_scan(s, case, seed), {}
     full, info = _dataset_full(s)
     if case.angles > full.geometry.n_angles:
-        raise ConfigError(f"case {case.name}: angles = {case.angles} but {s.dataset} has {full.geometry.n_angles}")
+        raise ConfigError(f"case {case.name}: angles = {case.angles}, but {s.dataset} has only {full.geometry.n_angles} angles")
     ref = _reference_recon(full, s, spec.pipeline.operator.backend, device)
     if s.unit_scale:
         # Units only: line integrals and attenuation scale together (y = A x is linear), so the
