@@ -16,7 +16,11 @@ import pytest
 
 from dipuq import experiments
 from dipuq.cli import main
+from dipuq.data.scan import Scan
 from dipuq.experiments import load_experiment, normalise_background
+from dipuq.geometry import Geometry
+from dipuq.run.rundir import RunDir
+from dipuq.run.stages import STAGE_NAMES
 
 TINY = """\
 [experiment]
@@ -118,8 +122,9 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     # the cg run reused the sgd run's DIP fit: same reconstruction, its own std
     sgd = np.load(out / "seed0/a10/bayes-sgd/recon.npy")
     np.testing.assert_array_equal(sgd, np.load(out / "seed0/a10/bayes-cg/recon.npy"))
-    cg_marker = json.loads((out / "seed0/a10/bayes-cg/stages/03_dip/done.json").read_text())
-    assert cg_marker["shared_from"].endswith("bayes-sgd")
+    cg_run = RunDir(out / "seed0/a10/bayes-cg", STAGE_NAMES)
+    assert [s for s in STAGE_NAMES if "shared_from" in (cg_run.marker(s) or {})] == ["scan", "fbp", "dip", "linearise"]
+    assert cg_run.marker("dip")["shared_from"].endswith("bayes-sgd")
     assert json.loads((out / "seed0/a10/bayes-cg/result.json").read_text())["extra"]["shared_fit"] is True
     # the calibrated row: the same fit, the cg posterior's std calibrated on the held-out angles
     np.testing.assert_array_equal(sgd, np.load(out / "seed0/a10/bayes-cal/recon.npy"))
@@ -133,19 +138,28 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
 
     # interruption (in a fresh folder): stop the run in seed 0's mcdo; finished methods are kept
     inter = tmp_path / "inter"
-    real = experiments._RUNNERS["mcdo"]
+    methods = experiments.METHODS
 
-    def boom(job, method):
-        raise KeyboardInterrupt
+    def failing(cls):  # the method, interrupted when it starts
+        def run(self, job):
+            raise KeyboardInterrupt
+        return type(cls.__name__, (cls,), {"run": run})
 
-    monkeypatch.setitem(experiments._RUNNERS, "mcdo", boom)
+    def counted(cls, calls):  # the method, recording each run
+        def run(self, job):
+            calls.append(self.name)
+            return cls.run(self, job)
+        return type(cls.__name__, (cls,), {"run": run})
+
+    real = methods["mcdo"]
+    monkeypatch.setitem(methods, "mcdo", failing(real))
     assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1", "--quiet"]) == 130
     done = {p.parent.name: p.stat().st_mtime_ns for p in (inter / "seed0/a10").glob("*/result.json")}
     assert set(done) == {"bayes-sgd", "bayes-cg", "bayes-cal"}
-    monkeypatch.setitem(experiments._RUNNERS, "mcdo", real)
+    monkeypatch.setitem(methods, "mcdo", real)
     calls = []
     for name in ("bayes-sgd", "bayes-cg", "bayes-cal"):
-        monkeypatch.setitem(experiments._RUNNERS, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+        monkeypatch.setitem(methods, name, counted(methods[name], calls))
     capsys.readouterr()
     assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1"]) == 0
     err = capsys.readouterr().err
@@ -156,8 +170,8 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     assert _metrics(inter) == m0
     # a rerun of a finished experiment computes nothing and rewrites the same table
     table_md = (inter / "table.md").read_text()
-    for name in list(experiments._RUNNERS):
-        monkeypatch.setitem(experiments._RUNNERS, name, boom)
+    for name in list(methods):
+        monkeypatch.setitem(methods, name, failing(methods[name]))
     assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
     assert (inter / "table.md").read_text() == table_md
@@ -201,9 +215,6 @@ def test_quick_overrides_and_prefix(exp_dir):
 
 def test_normalise_background():
     """A constant air offset per projection is removed exactly (edges are air)."""
-    from dipuq.data.scan import Scan
-    from dipuq.geometry import Geometry
-
     g = Geometry.parallel3d(np.linspace(0, np.pi, 4, endpoint=False), (3, 20, 20), det_shape=(3, 30))
     p = np.zeros((4, 3, 30), np.float32)
     p[:, :, 10:20] = 1.0
