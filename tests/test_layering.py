@@ -122,9 +122,17 @@ def test_imports_only_from_layers_before():
     assert not bad, "imports from a later layer:\n" + "\n".join(bad)
 
 
+#: The one exception: a command's ``main`` imports the pipeline or the experiments driver when it
+#: runs, so that ``dipuq --help`` and ``dipuq X --help`` do not load matplotlib, scipy and astra
+#: (measured 3.7 s instead of 2.1 s). It dodges no circle: test_no_import_circles counts it.
+LAZY_FOR_STARTUP = {("dipuq.commands.reconstruct", "dipuq.run.pipeline"), ("dipuq.commands.demo", "dipuq.run.pipeline"),
+                    ("dipuq.commands.experiment", "dipuq.experiments"), ("dipuq.commands.show", "dipuq.show.viz")}
+
+
 def test_no_function_level_imports_of_dipuq_modules():
     bad = [f"{_where(name, line)} imports {target} inside a function"
-           for name, imports in IMPORTS.items() for line, target, in_function in imports if in_function]
+           for name, imports in IMPORTS.items() for line, target, in_function in imports
+           if in_function and (name, target) not in LAZY_FOR_STARTUP]
     assert not bad, "function-level imports of dipuq modules (import at the top):\n" + "\n".join(bad)
 
 

