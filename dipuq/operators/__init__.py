@@ -1,7 +1,10 @@
 """Linear operators and CT ray transforms on torch tensors (see :mod:`dipuq.operators.ray`)."""
 
 from dipuq.operators import recon
-from dipuq.operators.base import AdjointOperator, ComposedOperator, LinearOperator, MatrixOperator
+from dipuq.operators.base import (
+    AdjointOperator, ComposedOperator, DiagonalOperator, IdentityOperator, LinearOperator, MatrixOperator, ScaledOperator,
+    SumOperator,
+)
 from dipuq.operators.ray import RayTransform, available_backends, cuda_available
 from dipuq.operators.recon import analytic, cgls, fbp, fdk, sirt
 
@@ -10,6 +13,10 @@ __all__ = [
     "MatrixOperator",
     "ComposedOperator",
     "AdjointOperator",
+    "SumOperator",
+    "ScaledOperator",
+    "DiagonalOperator",
+    "IdentityOperator",
     "RayTransform",
     "cuda_available",
     "available_backends",
