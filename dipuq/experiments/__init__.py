@@ -775,7 +775,7 @@ def run_experiment(
     progress : stage lines and progress bars on stderr
     figures : write comparison figures (seed 0) into ``out/figures``
     """
-    from dipuq.samplers.distributed import init_distributed
+    from dipuq.samplers.ranks import init_distributed
 
     with init_distributed(device=spec.experiment.device) as dist:
         if not dist.is_distributed:
