@@ -50,6 +50,7 @@ from dipuq.data.scan import Scan
 from dipuq.errors import ConfigError, DipuqError, GPUUnavailableError
 from dipuq._io import atomic_path, atomic_save_npy, atomic_save_tiff, atomic_write_json, atomic_write_text, load_torch, save_torch, to_jsonable
 from dipuq.run.rundir import RunDir, RunLock
+from dipuq.samplers.base import SAMPLER_RESIDUAL_WARN
 
 __all__ = ["STAGES", "RunContext", "RunResult", "run_pipeline", "prepare_scan", "resolve_device", "stage_generator"]
 
@@ -168,7 +169,7 @@ class RunContext:
     values: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
-    dist: Any = None  # dipuq.samplers.distributed.DistContext: rank 0 writes, all ranks sample
+    dist: Any = None  # dipuq.samplers.ranks.DistContext: rank 0 writes, all ranks sample
 
     @property
     def is_main(self) -> bool:
@@ -311,13 +312,13 @@ def _load_em(ctx):
 
 
 def _load_moments(ctx):
-    from dipuq.maps.uncertainty import Moments
+    from dipuq.samplers.moments import Moments
 
     return Moments.from_state_dict(load_torch(ctx.path("sampler", "moments.pt")))
 
 
 def _load_extra_moments(ctx):
-    from dipuq.maps.uncertainty import Moments
+    from dipuq.samplers.moments import Moments
 
     path = ctx.path("sampler", "moments_extra.pt")
     if not path.exists():
@@ -520,7 +521,7 @@ def _sigma2(ctx: RunContext, cfg) -> tuple[float, str]:
 def stage_posterior(ctx: RunContext, cfg) -> dict:
     """Build the posterior (σ², g-prior) and fit g by sample-based EM."""
     from dipuq.posterior.model import Posterior
-    from dipuq.samplers import iterate_em, make_sampler
+    from dipuq.samplers import drive, iterate_em, make_sampler
 
     sigma2, source = _sigma2(ctx, cfg)
     post = Posterior(ctx["model"], ctx["A"], ctx["y"], sigma2=sigma2, g=cfg.g_init or 1.0, scale=ctx["scale"],
@@ -537,18 +538,16 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
         states = iterate_em(post, sampler, cfg.em_rounds, cfg.em_samples, seed=seed, rtol=cfg.em_rtol,
                             **em_hooks(ctx.dist))
         bar = ctx.tqdm(total=cfg.em_rounds, desc="EM for g", unit="round")
+
+        def on_round(st):
+            em["g_trace"].append(st.g_new)
+            em["gamma_trace"].append(st.gamma)
+            em["u_norm2"].append(st.u_norm2)
+            bar.update(1)
+            bar.set_postfix(g=f"{st.g_new:.3g}", gamma=f"{st.gamma:.3g}")
+
         try:
-            while True:
-                try:
-                    st = next(states)
-                except StopIteration as stop:
-                    post = stop.value
-                    break
-                em["g_trace"].append(st.g_new)
-                em["gamma_trace"].append(st.gamma)
-                em["u_norm2"].append(st.u_norm2)
-                bar.update(1)
-                bar.set_postfix(g=f"{st.g_new:.3g}", gamma=f"{st.gamma:.3g}")
+            post = drive(states, on_round)
         finally:
             bar.close()
     if ctx.is_main:
@@ -568,7 +567,7 @@ def _moments_to(m, device):
 def _extra_accumulators(ctx: RunContext, post) -> dict:
     """Streams the calibration needs besides the image samples: the prior draws J̃w₀ in image space
     and, with held-out angles, the posterior samples and prior draws seen through A_H."""
-    from dipuq.maps.uncertainty import Moments
+    from dipuq.samplers.moments import Moments
 
     shapes = {"prior": post.model.image_shape}
     if ctx["A_H"] is not None:
@@ -599,7 +598,7 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
     held-out projections' for the calibration); resumes batch by batch."""
     from dipuq.samplers.distributed import allreduce_moments, sample_distributed
     from dipuq.samplers import make_sampler
-    from dipuq.maps.uncertainty import Moments
+    from dipuq.samplers.moments import Moments
 
     post = ctx["posterior"]
     sampler = make_sampler(cfg.method, cfg)
@@ -692,12 +691,6 @@ def calibrated_model(calibration: dict):
     from dipuq.maps.calibration import VarianceModel
 
     return VarianceModel(**calibration["parameters"]) if calibration.get("enabled") else None
-
-
-#: Above this final relative gradient (sgd) or residual (cg) norm, a run warns that its samples
-#: are not converged. sgd starts each chain at its prior draw, so an unconverged chain keeps part
-#: of the prior's variance and the std map comes out too large.
-SAMPLER_RESIDUAL_WARN = 0.1
 
 
 def _sampler_residual(history: list[dict], method: str = "cg") -> float | None:
@@ -1077,7 +1070,7 @@ def run_pipeline(
     force : discard an existing run in ``run_dir`` first
     log : where stage lines go (default: stderr when ``progress``, else nowhere)
     """
-    from dipuq.samplers.distributed import init_distributed
+    from dipuq.samplers.ranks import init_distributed
 
     with init_distributed(device=device if isinstance(device, torch.device) else (device or "auto")) as dist:
         if not dist.is_main:
