@@ -201,7 +201,8 @@ class Posterior:
     @property
     def H(self) -> LinearOperator:
         """The posterior precision H = σ⁻² J̃ᵀAᵀAJ̃ + g⁻¹ I on ``(*batch, p)`` (at the current g, σ²)."""
-        return self.AJ.normal() / self.sigma2 + IdentityOperator((self.p,), self.model.dtype, self.model.device) / self.g
+        eye = IdentityOperator((self.p,), self.model.dtype, self.model.device)
+        return self.AJ.normal() / self.sigma2 + eye / self.g
 
     @property
     def kernel(self) -> LinearOperator:

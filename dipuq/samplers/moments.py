@@ -19,7 +19,7 @@ Example::
     >>> import torch
     >>> mom = Moments((4, 4))
     >>> for _ in range(10):
-    ...     mom.update(torch.randn(8, 4, 4))
+    ...     _ = mom.update(torch.randn(8, 4, 4))
     >>> mom.n, tuple(mom.std().shape)
     (80, (4, 4))
 """

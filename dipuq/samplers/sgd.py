@@ -48,10 +48,11 @@ class SGDSampler(Sampler):
 
     def precond_factor(self, post: Posterior) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Nyström approximation U diag(Λ) Uᵀ of M = J̃ᵀAᵀAJ̃ (p × p), float64; None if
-        ``precond_rank`` = 0. The rank grows (:func:`~dipuq.samplers.nystrom.grown_nystrom`) until the measured
-        κ = λmax(P⁻¹H) is at most ``precond_kappa``: the tail estimate 1 + gλ_r/σ² is far too
-        optimistic for sgd (21 where power iteration found 5180 on the 24³ demo, rank 2048),
-        because the Nyström error is of the size of λ_{r/4}, not λ_r, when the spectrum decays slowly.
+        ``precond_rank`` = 0. The rank grows (:func:`~dipuq.samplers.nystrom.grown_nystrom`) until
+        the measured κ = λmax(P⁻¹H) is at most ``precond_kappa``: the tail estimate 1 + gλ_r/σ² is
+        far too optimistic for sgd (21 where power iteration found 5180 on the 24³ demo, rank
+        2048), because the Nyström error is of the size of λ_{r/4}, not λ_r, when the spectrum
+        decays slowly.
         """
         M = post.AJ.normal()  # J̃ᵀAᵀAJ̃, (k, p) -> (k, p)
         return grown_nystrom(self.cfg, post, "nystrom_primal_sketch", post.p, lambda V: M(V.to(post.model.dtype)),
@@ -127,7 +128,7 @@ class SGDSampler(Sampler):
         kappa = max(self.lambda_max(post) / self.cfg.lr_factor, 1.0)
         return (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
 
-    def rescale_warm(self, warm, g_old, g_new):
+    def rescale_warm(self, warm: torch.Tensor | None, g_old: float, g_new: float) -> torch.Tensor | None:
         """Samples scale like √g: the previous solutions times √(g_new / g_old) start the next round."""
         return None if warm is None else warm * math.sqrt(g_new / g_old)
 
