@@ -66,7 +66,8 @@ def build_posterior(n: int, n_angles: int, device: torch.device):
 
 def worker(args) -> None:
     """One rank: build, warm up, time ``sample_distributed``; rank 0 prints a JSON line."""
-    from dipuq.samplers.distributed import init_distributed, sample_distributed
+    from dipuq.samplers.distributed import sample_distributed
+    from dipuq.samplers.ranks import init_distributed
     from dipuq.samplers import SamplerConfig, make_sampler
 
     torch.set_num_threads(args.threads)

@@ -86,11 +86,11 @@ def run() -> None:
 
     A torchrun rank (it formed a process group) leaves through ``os._exit`` after flushing its
     output, skipping the interpreter teardown in which native communication threads can abort a
-    finished rank (see :func:`dipuq.samplers.distributed.made_process_group`).
+    finished rank (see :func:`dipuq.samplers.ranks.made_process_group`).
     """
     threads.configure()
     code = main()
-    dist_mod = sys.modules.get("dipuq.samplers.distributed")
+    dist_mod = sys.modules.get("dipuq.samplers.ranks")
     if dist_mod is not None and dist_mod.made_process_group():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -5,7 +5,8 @@ import torch
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 
 from dipuq.errors import DipuqError
-from dipuq.operators import MatrixOperator
+from dipuq.operators import DiagonalOperator, IdentityOperator, MatrixOperator
+from dipuq.testing import check_adjoint
 
 # float64 throughout: these are algebraic identities, so the only error is round-off (~1e-15).
 TOL = 1e-10
@@ -55,3 +56,23 @@ def test_shape_and_dtype_errors(op):
         A(torch.zeros(2, 2, dtype=torch.float32))
     with pytest.raises(DipuqError, match="cannot compose"):
         A @ A
+
+
+def test_sums_scalars_diagonal_and_identity(op):
+    A, M = op
+    gen = torch.Generator().manual_seed(1)
+    d = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+    D, I = DiagonalOperator(d), IdentityOperator((2, 2), torch.float64)
+    x = torch.randn(5, 2, 2, generator=gen, dtype=torch.float64)
+    # algebra on operators is the same algebra on their dense matrices
+    H = A.normal() / 0.7 + 3.0 * I + D
+    want = M.T @ M / 0.7 + 3.0 * torch.eye(4, dtype=torch.float64) + torch.diag(d.reshape(-1))
+    assert torch.allclose(H.as_matrix(), want, atol=TOL) and torch.allclose(H.T.as_matrix(), want.T, atol=TOL)
+    assert check_adjoint(2.5 * A) < TOL and check_adjoint(A / 3.0 + A) < TOL
+    # bit for bit the expression it stands for: the parts run in the order written, A / c divides
+    assert torch.equal(H(x), A.T(A(x)) / 0.7 + 3.0 * x + x * d)
+    assert torch.equal((A / 0.3)(x), A(x) / 0.3)
+    with pytest.raises(DipuqError, match="cannot add"):
+        A + D
+    with pytest.raises(TypeError):
+        A * x

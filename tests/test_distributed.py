@@ -20,16 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dipuq.samplers.distributed import (
-    DistContext, DistributedError, allreduce_moments, current_context, em_hooks, init_distributed, main_only,
-    reduce_gamma, sample_distributed, shard_chains,
-)
+from dipuq.samplers.distributed import allreduce_moments, em_hooks, reduce_gamma, sample_distributed, shard_chains
+from dipuq.samplers.ranks import DistContext, DistributedError, current_context, init_distributed, main_only
 from dipuq.errors import DipuqError, DivergenceError
 from dipuq.posterior.linearise import LinearisedModel
 from dipuq.operators.base import MatrixOperator
 from dipuq.posterior.model import Posterior
 from dipuq.samplers import SamplerConfig, make_sampler, run_em
-from dipuq.maps.uncertainty import Moments
+from dipuq.samplers.moments import Moments
 
 HERE = Path(__file__).resolve()
 N_CHAINS, SEED = 24, 5

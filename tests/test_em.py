@@ -70,3 +70,21 @@ def test_data_driven_initial_g(setup):
     zero = post.with_g(1.0)
     zero.model = type("M", (), {"theta_map": torch.zeros_like(post.model.theta_map)})()
     assert zero.weight_scale_g() == 1.0  # nothing to measure: the old default
+
+
+def test_em_rtol_stops_once_g_settles(setup):
+    post, _ = setup
+    sampler = make_sampler("exact")
+
+    def rounds(rtol):
+        return len(list(iterate_em(post, sampler, n_rounds=3, n_samples=8, seed=3, rtol=rtol)))
+
+    # from g = 1 the first round drops g to ~1e-3, |Δg|/g ≈ 1: rtol = 10 stops there, 0 never stops
+    assert rounds(0.0) == 3 and rounds(10.0) == 1
+
+
+def test_em_warns_when_the_sampler_reports_unconverged_samples(setup):
+    post, _ = setup
+    sampler = make_sampler("sgd", SamplerConfig(n_steps=3, precond_rank=0, grad_tol=0, chains_per_batch=8))
+    with pytest.warns(RuntimeWarning, match="EM round 0: sgd samples unconverged"):
+        run_em(post, sampler, n_rounds=1, n_samples=8, seed=0)

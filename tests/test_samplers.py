@@ -1,6 +1,7 @@
 """Samplers against the dense posterior on a tiny 2D problem (16², p = 1416, m = 128)."""
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -9,8 +10,10 @@ from dipuq.errors import ConfigError, DipuqError, DivergenceError
 from dipuq.posterior.linearise import LinearisedModel
 from dipuq.operators.base import MatrixOperator
 from dipuq.posterior.model import Posterior
-from dipuq.samplers import SamplerConfig, chain_generator, make_sampler
-from dipuq.maps.uncertainty import Moments, UncertaintyMaps
+from dipuq.samplers import SAMPLERS, Sampler, SamplerConfig, chain_generator, drive, make_sampler
+from dipuq.testing import check_adjoint
+from dipuq.maps.uncertainty import UncertaintyMaps
+from dipuq.samplers.moments import Moments
 
 
 def tiny_net(ndim=2, ch=12, seed=0):
@@ -174,7 +177,7 @@ def test_posterior_save_load_round_trip(post, tmp_path):
     assert back.g == 1.5e-4 and back.sigma2 == post.sigma2 and back.prior_center == post.prior_center
     assert torch.equal(back.scale, post.scale) and torch.equal(back.y, post.y)
     v = torch.randn(2, post.p, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(back.hessian_matvec(v), post.with_g(1.5e-4).hessian_matvec(v))
+    torch.testing.assert_close(back.H(v), post.with_g(1.5e-4).H(v))
     other = tiny_problem(seed=1)
     with pytest.raises(DipuqError, match="different weights"):
         Posterior.load(path, other.model, other.A)
@@ -238,7 +241,7 @@ def test_sgd_early_stop_bounds_each_samples_error(post, rank):
     res = s.sample(post, 8, seed=5, keep_z=True)
     assert res.steps < 2000  # it did stop early
     e = (res.z - ref.z).double()
-    energy = (e * post.hessian_matvec(e.float()).double()).sum(1)
+    energy = (e * post.H(e.float()).double()).sum(1)
     fit = post.AJ(res.z).reshape(8, -1).double().pow(2).sum(1) / post.sigma2
     assert bool((energy <= tol**2 * fit).all()), (energy / fit).sqrt()
     final = max(h["grad_norm"][-1] for h in res.history)
@@ -278,3 +281,92 @@ def test_sgd_preconditioner_rank_grows_until_kappa_target(post):
     info = tight.describe(p2)
     assert info["precond_rank"] == 64  # 8 → 16 → 32 → 64 (cap) while κ > 1
     assert info["kappa"] < make_sampler("sgd", SamplerConfig(precond_rank=8)).lambda_max(p1)
+
+
+class _Reads:
+    """A SamplerConfig that records the names of the fields read from it."""
+
+    def __init__(self, cfg, seen):
+        self._cfg, self._seen = cfg, seen
+
+    def __getattr__(self, key):
+        self._seen.add(key)
+        return getattr(self._cfg, key)
+
+
+def test_each_sampler_reads_exactly_the_config_keys_it_declares(post):
+    # every declared key is a SamplerConfig field and every field is read by some sampler or the driver
+    assert set(Sampler.keys).union(*(cls.keys for cls in SAMPLERS.values())) == {f.name for f in fields(SamplerConfig)}
+    # short runs that touch every option (cosine decay reads lr_final)
+    cfg = SamplerConfig(chains_per_batch=2, n_steps=5, lr_decay="cosine", precond_rank=8, cg_max_iter=5)
+    for name, cls in SAMPLERS.items():
+        assert cls.name == name and set(Sampler.keys) <= set(cls.keys)
+        s, seen = make_sampler(name, cfg), set()
+        s.cfg = _Reads(cfg, seen)
+        p = post.with_g(post.g)
+        p.cache = {}
+        s.describe(p), s.sample(p, 3, seed=0), s.mean(p)
+        assert seen == set(cls.keys), (name, seen ^ set(cls.keys))
+
+
+def test_drive_returns_what_the_generator_returns():
+    def states():
+        yield 1
+        yield 2
+        return "done"
+
+    seen = []
+    assert drive(states(), seen.append) == "done" and seen == [1, 2]
+    assert drive(states()) == "done"
+
+
+def test_posterior_operators_are_the_compositions_they_stand_for(post):
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(3, post.p, generator=gen)
+    u = torch.randn(3, post.m, generator=gen)
+    x = torch.randn(3, *post.model.image_shape, generator=gen)
+    model, s, A = post.model, post.scale, post.A
+    # bit for bit the products they replace: J̃z = J(s ⊙ z), AJ̃z = A(J(s ⊙ z)), ...
+    assert torch.equal(post.J(v), model.jvp(v * s)) and torch.equal(post.J.T(x), model.vjp(x) * s)
+    assert torch.equal(post.AJ(v), A(model.jvp(v * s))) and torch.equal(post.AJ.T(u), model.vjp(A.T(u)) * s)
+    assert torch.equal(post.H(v), post.AJ.T(post.AJ(v)) / post.sigma2 + v / post.g)
+    assert torch.equal(post.kernel(u), post.g * post.AJ(post.AJ.T(u)) + post.sigma2 * u)
+    # against the dense oracle: float32 J/A products (measured 2.7e-7 relative for both; 1e-5 is loose)
+    B, H = _dense_H(post)
+    Hv = v.double() @ H
+    assert (post.H(v).double() - Hv).norm() / Hv.norm() < 1e-5
+    K = post.g * B @ B.T + post.sigma2 * torch.eye(post.m, dtype=B.dtype)
+    Ku = u.double() @ K
+    assert (post.kernel(u).double() - Ku).norm() / Ku.norm() < 1e-5
+    assert check_adjoint(post.AJ) < 1e-5 and post.with_g(2 * post.g).H(v).ne(post.H(v)).any()
+
+
+def test_warm_start_and_convergence_capabilities(post):
+    warm = torch.ones(2, 3)
+    assert torch.equal(make_sampler("sgd").rescale_warm(warm, 1.0, 4.0), 2 * warm)  # samples scale like √g
+    assert make_sampler("cg").rescale_warm(warm, 1.0, 4.0) is warm  # α of (K + σ²I)α = ε − AJ̃w₀: as is
+    short = make_sampler("sgd", SamplerConfig(n_steps=3, precond_rank=0, grad_tol=0))
+    res = short.sample(post, 2, seed=0)
+    assert "sgd samples unconverged" in short.unconverged(res) and "after 3 steps" in short.unconverged(res)
+    assert make_sampler("cg").unconverged(res) is None  # no per-sample error bound
+
+
+def test_lr_final_sets_the_end_of_the_cosine_decay(post):
+    def z(**kw):
+        cfg = SamplerConfig(n_steps=30, chains_per_batch=2, precond_rank=8, grad_tol=0, **kw)
+        return make_sampler("sgd", cfg).sample(post, 2, seed=0, keep_z=True).z
+
+    assert not torch.equal(z(lr_decay="cosine", lr_final=0.1), z(lr_decay="cosine", lr_final=0.5))
+    assert torch.equal(z(lr_final=0.1), z(lr_final=0.5))  # without decay it is not used
+
+
+def test_diverge_factor_sets_when_a_growing_objective_is_an_error(post):
+    def step(factor):
+        s = make_sampler("sgd", SamplerConfig(n_steps=200, lr_factor=3.0, diverge_factor=factor))
+        with pytest.raises(DivergenceError, match="diverged at step") as err:
+            s.sample(post, 2, seed=0)
+        return int(str(err.value).split("step ")[1].split(":")[0])
+
+    # lr·λmax = 3 is unstable and the objective grows geometrically: a 1e8x larger allowance is
+    # used up later (measured: step 11 at the default 1e4, step 25 at 1e12)
+    assert step(1e4) < step(1e12)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dipuq.errors import DipuqError
-from dipuq.maps.uncertainty import Moments, UncertaintyMaps, normal_quantile
+from dipuq.maps.uncertainty import UncertaintyMaps, normal_quantile
+from dipuq.samplers.moments import Moments
 
 
 def test_streaming_equals_batch_and_merge():

@@ -38,7 +38,7 @@ from dipuq.run import provenance
 from dipuq.run.config import config_digest
 from dipuq.run.context import resolve_device
 from dipuq.run.pipeline import run_pipeline
-from dipuq.samplers.distributed import init_distributed
+from dipuq.samplers.ranks import init_distributed
 
 __all__ = ["ExperimentResult", "run_experiment"]
 

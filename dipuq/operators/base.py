@@ -3,9 +3,11 @@
 A :class:`LinearOperator` is a linear map ``A: R^domain_shape -> R^range_shape``. Subclasses
 implement only :meth:`_apply` and :meth:`_adjoint` on a batch ``(n, *shape)``; this base class
 derives everything else: broadcasting over leading batch dimensions, ``A.T``, composition
-``B @ A``, ``A.normal()`` (AᵀA), a dense oracle ``as_matrix()``, and the rules that make ``A(x)``
-work inside ``torch.autograd`` *and* ``torch.func`` (``jvp``, ``vjp``, ``vmap``): A is linear, so
-its JVP is ``A`` and its VJP is ``Aᵀ``.
+``B @ A``, ``A.normal()`` (AᵀA), sums ``A + B`` and scalar multiples ``c * A``, ``A / c``, a dense
+oracle ``as_matrix()``, and the rules that make ``A(x)`` work inside ``torch.autograd`` *and*
+``torch.func`` (``jvp``, ``vjp``, ``vmap``): A is linear, so its JVP is ``A`` and its VJP is ``Aᵀ``.
+Derived operators apply their parts in the order the expression reads, so ``(B @ A)(x)`` is
+``B(A(x))`` and ``(A / c + D)(x)`` is ``A(x) / c + D(x)`` to the last bit.
 
 Shapes: ``A(x)`` takes ``x`` of shape ``(*batch, *domain_shape)`` and returns
 ``(*batch, *range_shape)``; any number of leading dimensions (batch, channel, vmap) is allowed.
@@ -28,7 +30,10 @@ import torch
 
 from dipuq.errors import DipuqError
 
-__all__ = ["LinearOperator", "MatrixOperator", "ComposedOperator", "AdjointOperator"]
+__all__ = [
+    "LinearOperator", "MatrixOperator", "ComposedOperator", "AdjointOperator", "SumOperator", "ScaledOperator",
+    "DiagonalOperator", "IdentityOperator",
+]
 
 
 class _Apply(torch.autograd.Function):
@@ -106,6 +111,17 @@ class LinearOperator:
         """The normal operator AᵀA."""
         return self.T @ self
 
+    def __add__(self, other: LinearOperator) -> LinearOperator:
+        return SumOperator(self, other)
+
+    def __mul__(self, c: float) -> LinearOperator:
+        return ScaledOperator(self, c) if isinstance(c, (int, float)) else NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> LinearOperator:
+        return ScaledOperator(self, c, divide=True) if isinstance(c, (int, float)) else NotImplemented
+
     def as_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense (m, d) matrix of the operator, for tiny problems and tests."""
         d = self.shape[1]
@@ -171,6 +187,73 @@ class ComposedOperator(LinearOperator):
 
     def _adjoint(self, y):
         return self.inner._raw(self.outer._raw(y, True), True)
+
+
+class SumOperator(LinearOperator):
+    """The sum ``a + b`` of two operators with the same shapes: x -> a(x) + b(x)."""
+
+    def __init__(self, a: LinearOperator, b: LinearOperator):
+        if (tuple(a.domain_shape), tuple(a.range_shape)) != (tuple(b.domain_shape), tuple(b.range_shape)):
+            raise DipuqError(f"cannot add operators {a.domain_shape} -> {a.range_shape} and "
+                             f"{b.domain_shape} -> {b.range_shape}")
+        self.a, self.b = a, b
+        self.domain_shape, self.range_shape = a.domain_shape, a.range_shape
+        self.dtype, self.device = a.dtype, a.device
+
+    def _apply(self, x):
+        return self.a._raw(x, False) + self.b._raw(x, False)
+
+    def _adjoint(self, y):
+        return self.a._raw(y, True) + self.b._raw(y, True)
+
+
+class ScaledOperator(LinearOperator):
+    """c·A (``c * A``) or A / c (``A / c``) for a real scalar c.
+
+    ``A / c`` divides A's output by c rather than multiplying it by 1/c, so ``(A / c)(x)`` rounds
+    exactly like ``A(x) / c``.
+    """
+
+    def __init__(self, op: LinearOperator, c: float, divide: bool = False):
+        self.op, self.c, self.divide = op, float(c), divide
+        self.domain_shape, self.range_shape = op.domain_shape, op.range_shape
+        self.dtype, self.device = op.dtype, op.device
+
+    def _scale(self, y):
+        return y / self.c if self.divide else self.c * y
+
+    def _apply(self, x):
+        return self._scale(self.op._raw(x, False))
+
+    def _adjoint(self, y):
+        return self._scale(self.op._raw(y, True))
+
+
+class DiagonalOperator(LinearOperator):
+    """x -> d ⊙ x for a fixed tensor d of shape ``domain_shape`` (self-adjoint)."""
+
+    def __init__(self, d: torch.Tensor):
+        self.d = d
+        self.domain_shape = self.range_shape = tuple(d.shape)
+        self.dtype, self.device = d.dtype, d.device
+
+    def _apply(self, x):
+        return x * self.d
+
+    _adjoint = _apply
+
+
+class IdentityOperator(LinearOperator):
+    """x -> x on tensors of shape ``shape`` (returns its input, no copy)."""
+
+    def __init__(self, shape, dtype: torch.dtype = torch.float32, device=None):
+        self.domain_shape = self.range_shape = tuple(shape)
+        self.dtype, self.device = dtype, torch.device(device or "cpu")
+
+    def _apply(self, x):
+        return x
+
+    _adjoint = _apply
 
 
 class MatrixOperator(LinearOperator):

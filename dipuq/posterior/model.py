@@ -19,12 +19,13 @@ Laplace (w_c = −θ*/s; sample-based EM for g is then informative), ``"map"`` c
 Example::
 
     >>> post = Posterior(model, A, y, sigma2=0.01, g=1.0)          # doctest: +SKIP
-    >>> post.hessian_matvec(torch.randn(4, post.p)).shape           # doctest: +SKIP
+    >>> post.H(torch.randn(4, post.p)).shape                        # doctest: +SKIP
     torch.Size([4, p])
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -34,10 +35,11 @@ import torch
 from dipuq._io import save_torch
 from dipuq.devices import check_same_device
 from dipuq.errors import DipuqError
+from dipuq.operators.base import DiagonalOperator, IdentityOperator, LinearOperator
 from dipuq.posterior.gprior import gprior_scale
 from dipuq.posterior.linearise import LinearisedModel
 
-__all__ = ["Posterior"]
+__all__ = ["Posterior", "Jacobian"]
 
 _FORMAT = "dipuq.posterior/1"
 
@@ -115,8 +117,6 @@ class Posterior:
         else:
             self.w_center = torch.zeros_like(model.theta_map)
         self.cache: dict = {}  # g-independent derived quantities (λmax, preconditioners, dense J̃)
-        self.n_A = 0  # operator applications A / Aᵀ (single vectors), for cost accounting
-        self.n_AT = 0
 
     def weight_scale_g(self) -> float:
         """A data-driven prior variance: mean((θ*/s)²), the fitted weights' size in g-prior units.
@@ -131,33 +131,28 @@ class Posterior:
         g = float((self.model.theta_map / self.scale).double().pow(2).mean())
         return g if g > 0 and math.isfinite(g) else 1.0
 
-    # -- J̃, A J̃ and H as matrix-free maps ----------------------------------------------------
-    def J(self, z: torch.Tensor) -> torch.Tensor:
-        """J̃ z = J (s ⊙ z): ``(*batch, p)`` -> ``(*batch, *image_shape)``."""
-        return self.model.jvp(z * self.scale)
+    # -- J̃, A J̃, H and K + σ²I as composed operators ----------------------------------------
+    @functools.cached_property
+    def J(self) -> LinearOperator:
+        """J̃ = J diag(s): weights ``(*batch, p)`` -> images ``(*batch, *image_shape)``; ``J.T`` is J̃ᵀ."""
+        return Jacobian(self.model) @ DiagonalOperator(self.scale)
 
-    def JT(self, x: torch.Tensor) -> torch.Tensor:
-        """J̃ᵀ x = s ⊙ Jᵀ x: ``(*batch, *image_shape)`` -> ``(*batch, p)``."""
-        return self.model.vjp(x) * self.scale
+    @functools.cached_property
+    def AJ(self) -> LinearOperator:
+        """A J̃: weights ``(*batch, p)`` -> data ``(*batch, *range_shape)``; ``AJ.T`` is J̃ᵀAᵀ."""
+        return self.A @ self.J
 
-    def AJ(self, z: torch.Tensor) -> torch.Tensor:
-        """A J̃ z: ``(*batch, p)`` -> ``(*batch, *range_shape)``."""
-        out = self.A(self.J(z))
-        self.n_A += z.numel() // self.p
-        return out
+    @property
+    def H(self) -> LinearOperator:
+        """The posterior precision H = σ⁻² J̃ᵀAᵀAJ̃ + g⁻¹ I on ``(*batch, p)`` (at the current g, σ²)."""
+        eye = IdentityOperator((self.p,), self.model.dtype, self.model.device)
+        return self.AJ.normal() / self.sigma2 + eye / self.g
 
-    def JTAT(self, u: torch.Tensor) -> torch.Tensor:
-        """J̃ᵀ Aᵀ u: ``(*batch, *range_shape)`` -> ``(*batch, p)``."""
-        self.n_AT += u.numel() // self.m
-        return self.JT(self.A.adjoint(u))
-
-    def hessian_matvec(self, z: torch.Tensor) -> torch.Tensor:
-        """H z = σ⁻² J̃ᵀAᵀAJ̃ z + g⁻¹ z, shape ``(*batch, p)``."""
-        return self.JTAT(self.AJ(z)) / self.sigma2 + z / self.g
-
-    def kernel_matvec(self, u: torch.Tensor) -> torch.Tensor:
-        """(K + σ² I) u with K = g A J̃ J̃ᵀ Aᵀ, shape ``(*batch, *range_shape)`` (the dual system)."""
-        return self.g * self.AJ(self.JTAT(u)) + self.sigma2 * u
+    @property
+    def kernel(self) -> LinearOperator:
+        """The dual system's matrix K + σ² I, K = g A J̃ J̃ᵀ Aᵀ, on ``(*batch, *range_shape)``."""
+        eye = IdentityOperator(self.A.range_shape, self.model.dtype, self.model.device)
+        return self.g * (self.AJ @ self.AJ.T) + self.sigma2 * eye
 
     @property
     def data_residual(self) -> torch.Tensor:
@@ -227,3 +222,19 @@ class Posterior:
     def __repr__(self) -> str:
         return (f"Posterior(p={self.p}, d={self.d}, m={self.m}, g={self.g:.4g}, "
                 f"sigma2={self.sigma2:.4g}, prior_center={self.prior_center!r})")
+
+
+class Jacobian(LinearOperator):
+    """J = ∂f/∂θ at θ* as an operator: weights ``(n, p)`` -> images ``(n, *image_shape)`` by
+    ``model.jvp``, and back by ``model.vjp``."""
+
+    def __init__(self, model: LinearisedModel):
+        self.model = model
+        self.domain_shape, self.range_shape = (model.p,), tuple(model.image_shape)
+        self.dtype, self.device = model.dtype, model.device
+
+    def _apply(self, v):
+        return self.model.jvp(v)
+
+    def _adjoint(self, u):
+        return self.model.vjp(u)

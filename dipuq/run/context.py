@@ -87,7 +87,7 @@ class RunContext:
     values: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
-    dist: Any = None  # dipuq.samplers.distributed.DistContext: rank 0 writes, all ranks sample
+    dist: Any = None  # dipuq.samplers.ranks.DistContext: rank 0 writes, all ranks sample
     loaders: Mapping[str, Callable[[RunContext], Any]] = field(default_factory=dict)
 
     @property

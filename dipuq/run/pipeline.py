@@ -47,7 +47,7 @@ from dipuq.run.context import RunContext, RunResult, resolve_device
 from dipuq.run.resume import CONFIG_FILE, REQUEST_FILE, plan_reuse
 from dipuq.run.rundir import RunDir, RunLock
 from dipuq.run.stages import STAGE_NAMES, STAGES, check_memory, loaders
-from dipuq.samplers.distributed import init_distributed
+from dipuq.samplers.ranks import init_distributed
 
 __all__ = ["run_pipeline"]
 

@@ -12,20 +12,17 @@ import torch
 
 from dipuq._io import atomic_write_json, load_torch, save_torch, to_jsonable
 from dipuq.errors import DipuqError
-from dipuq.maps.uncertainty import Moments
 from dipuq.posterior.model import Posterior
 from dipuq.posterior.noise import decide_sigma2
 from dipuq.run.context import RunContext, Stage
-from dipuq.samplers import iterate_em, make_sampler, prior_draws
+from dipuq.samplers import drive, iterate_em, make_sampler, prior_draws
+from dipuq.samplers.base import SAMPLER_RESIDUAL_WARN
 from dipuq.samplers.distributed import allreduce_moments, em_hooks, sample_distributed
+from dipuq.samplers.moments import Moments
 
-__all__ = ["POSTERIOR", "SAMPLER", "SAMPLER_RESIDUAL_WARN", "sampler_residual"]
+__all__ = ["POSTERIOR", "SAMPLER", "sampler_residual"]
 
 
-#: Above this final relative gradient (sgd) or residual (cg) norm, a run warns that its samples
-#: are not converged. sgd starts each chain at its prior draw, so an unconverged chain keeps part
-#: of the prior's variance and the std map comes out too large.
-SAMPLER_RESIDUAL_WARN = 0.1
 
 
 def _sigma2(ctx: RunContext, cfg) -> tuple[float, str]:
@@ -45,22 +42,19 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
         scfg = ctx.config.sampler
         sampler = make_sampler(scfg.method if cfg.em_sampler == "same" else cfg.em_sampler, scfg)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("posterior")))
-
         states = iterate_em(post, sampler, cfg.em_rounds, cfg.em_samples, seed=seed, rtol=cfg.em_rtol,
                             **em_hooks(ctx.dist))
         bar = ctx.tqdm(total=cfg.em_rounds, desc="EM for g", unit="round")
+
+        def on_round(st):
+            em["g_trace"].append(st.g_new)
+            em["gamma_trace"].append(st.gamma)
+            em["u_norm2"].append(st.u_norm2)
+            bar.update(1)
+            bar.set_postfix(g=f"{st.g_new:.3g}", gamma=f"{st.gamma:.3g}")
+
         try:
-            while True:
-                try:
-                    st = next(states)
-                except StopIteration as stop:
-                    post = stop.value
-                    break
-                em["g_trace"].append(st.g_new)
-                em["gamma_trace"].append(st.gamma)
-                em["u_norm2"].append(st.u_norm2)
-                bar.update(1)
-                bar.set_postfix(g=f"{st.g_new:.3g}", gamma=f"{st.gamma:.3g}")
+            post = drive(states, on_round)
         finally:
             bar.close()
     if ctx.is_main:

@@ -13,7 +13,7 @@ from dipuq.run.config import dumps_config
 from dipuq.run.context import RunContext, Stage
 from dipuq.run.stages.data import FULL_COVERAGE
 from dipuq.run.stages.fit import dip_unfinished
-from dipuq.run.stages.posterior import SAMPLER_RESIDUAL_WARN
+from dipuq.samplers.base import SAMPLER_RESIDUAL_WARN
 from dipuq.show import prepare, viz
 from dipuq.show.report import write_report
 
