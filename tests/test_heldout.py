@@ -48,7 +48,7 @@ def test_split_is_interleaved_seeded_and_at_least_two():
     again = ProjectionSplit.choose(angles, 0.1, generator=torch.Generator().manual_seed(0))
     other = [ProjectionSplit.choose(angles, 0.1, generator=torch.Generator().manual_seed(k)).held for k in range(1, 6)]
     assert again == s and any(o != s.held for o in other)
-    assert len(ProjectionSplit.choose(angles[:12], 0.1, generator=torch.Generator()).held) == 2  # min_count
+    assert len(ProjectionSplit.choose(angles[:12], 0.1, generator=torch.Generator()).held) == 3  # min_count
     assert not ProjectionSplit.choose(angles, 0.0).has_heldout
     with pytest.raises(ConfigError, match="fewer than 2"):
         ProjectionSplit.choose(angles[:3], 0.1, generator=torch.Generator())

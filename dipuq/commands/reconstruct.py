@@ -13,7 +13,10 @@ Reconstruct a CT scan with per-voxel error bars: FBP/FDK -> deep image prior fit
 -> EM for the prior variance -> posterior sampling -> std map, metrics (if the scan has a
 reference), figures and a self-contained report.html, all in the run directory RUN.
 
-Rerunning the same command on RUN resumes after the last finished stage; --force starts over.
+Rerunning the same command on RUN resumes after the last finished stage. With a changed config
+(--set, --config) only the stages that read a changed section, and those after them, are
+recomputed: a sampler setting keeps the DIP fit. A different scan or seed needs --force, which
+starts over.
 """
 
 EPILOG = """\

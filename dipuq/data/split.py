@@ -88,7 +88,7 @@ class ProjectionSplit:
         return cls(int(n_angles), tuple(range(int(n_angles))), (), 0.0)
 
     @classmethod
-    def choose(cls, angles, fraction: float, min_count: int = 2, generator: torch.Generator | None = None
+    def choose(cls, angles, fraction: float, min_count: int = 3, generator: torch.Generator | None = None
                ) -> ProjectionSplit:
         """Hold out about ``fraction`` of the angles (at least ``min_count``), interleaved.
 

@@ -88,7 +88,7 @@ class DataConfig:
     vol_xy: int = option(0, "in-plane volume size after cropping (0 = the field of view of the kept columns)", ge=0)
     bin: int = option(1, "bin detector and volume by this factor (1 = no binning)", ge=1)
     holdout: float = option(0.1, "fraction of the projection angles held out from the fit, interleaved and seed-chosen: the DIP's validation stop, the FBP check and the error-bar calibration are judged on them (0 = none)", ge=0.0, lt=1.0)
-    holdout_min: int = option(2, "at least this many held-out angles when data.holdout > 0", ge=1)
+    holdout_min: int = option(3, "at least this many held-out angles when data.holdout > 0 (the error-bar calibration is cross-validated over them: with 2 it rests on two angles)", ge=1)
     repeated: Literal["mean", "keep"] = option("mean", "projections at the same angle (tilt series): average them into one (mean) or keep every frame (keep: the exact model for independent per-frame noise)")
     stripe: Literal["none", "mean", "sort"] = option("none", "stripe (ring-artefact) filter of the sinograms before angle subsampling: none, mean (subtract the high-pass of the column mean) or sort (Vo et al.'s sorting-based median filter)")
     stripe_size: int = option(15, "stripe filter width in detector columns (odd)", ge=3)
