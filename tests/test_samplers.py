@@ -269,6 +269,31 @@ def test_nystrom_sketch_grows_and_is_exact_at_full_rank():
     assert ((U2 * lam2) @ U2.T - S).norm() / S.norm() < 1e-4
 
 
+def test_nystrom_power_iterations_sharpen_a_slowly_decaying_spectrum():
+    """One subspace iteration (precond_power_iters = 1) leaves a much smaller approximation error on
+    a slowly decaying spectrum (λ_j = 1/j, n = 200, rank 20: ||S − UΛUᵀ||₂ is 5.4× the optimal
+    λ₂₁ for the plain sketch and 2.2× with one iteration, measured); the error is what sets the
+    condition number left to the preconditioned solver."""
+    from dipuq.samplers import NystromSketch
+
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=gen, dtype=torch.float64))
+    ev = 1.0 / torch.arange(1, 201, dtype=torch.float64)
+    S = (Q * ev) @ Q.T
+    errs = []
+    for q in (0, 1):
+        calls = []
+        sk = NystromSketch(lambda V: calls.append(V.shape[0]) or V @ S, 200, power_iters=q)
+        sk.extend(20)
+        assert sum(calls) == 20 * (1 + q)  # q more products per column
+        U, lam = sk.factor()
+        assert torch.allclose(U.T @ U, torch.eye(20, dtype=torch.float64), atol=1e-10)
+        errs.append(float(torch.linalg.matrix_norm(S - (U * lam) @ U.T, 2) / ev[20]))
+    assert errs[1] < 0.5 * errs[0], errs
+    sk.extend(30)  # growing a power-iterated sketch keeps its test vectors orthonormal
+    assert torch.allclose(sk.omega.T @ sk.omega, torch.eye(30, dtype=torch.float64), atol=1e-10)
+
+
 def test_sgd_preconditioner_rank_grows_until_kappa_target(post):
     """The rank doubles from precond_rank while λmax(P⁻¹H) > precond_kappa (and stops at the cap)."""
     loose = make_sampler("sgd", SamplerConfig(precond_rank=8, precond_kappa=1e12, precond_max_rank=64))

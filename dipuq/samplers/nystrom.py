@@ -22,7 +22,7 @@ from dipuq.samplers.base import SamplerConfig
 __all__ = ["NystromSketch", "nystrom", "lowrank_inverse", "grown_nystrom", "PRECOND_KEYS"]
 
 #: the SamplerConfig fields :func:`grown_nystrom` reads (part of ``keys`` of the samplers using it)
-PRECOND_KEYS = ("precond_rank", "precond_max_rank", "precond_kappa", "precond_memory_gb")
+PRECOND_KEYS = ("precond_rank", "precond_max_rank", "precond_kappa", "precond_memory_gb", "precond_power_iters")
 
 
 class NystromSketch:
@@ -32,12 +32,16 @@ class NystromSketch:
     adds columns (orthogonal to the old ones) and applies S only to those, so growing the rank
     from r to 2r costs r more products, not 2r; :meth:`factor` forms U, Λ from the sketch with
     a stabilising shift (Frangella, Tropp & Udell 2023). Deterministic for a given ``seed``.
+    ``power_iters`` = q > 0 replaces each new block of test vectors G by an orthonormal basis of
+    S^q G first (subspace iteration, q more products per column): on slowly decaying spectra the
+    factor's eigenvalues and vectors are then much closer to S's own.
     Memory: 3 · n · r float64 numbers at rank r (Ω, Y and the factor).
     """
 
     def __init__(self, matvec: Callable[[torch.Tensor], torch.Tensor], n: int, device=None,
-                 seed: int = 54321, batch: int = 32):
+                 seed: int = 54321, batch: int = 32, power_iters: int = 0):
         self.matvec, self.n, self.batch, self.device = matvec, n, batch, device
+        self.power_iters = int(power_iters)
         self.gen = torch.Generator(device=device or "cpu").manual_seed(seed)
         self.omega = torch.zeros(n, 0, dtype=torch.float64, device=device)
         self.Y = torch.zeros(n, 0, dtype=torch.float64, device=device)
@@ -53,11 +57,21 @@ class NystromSketch:
         if k <= 0:
             return
         G = torch.randn(self.n, k, generator=self.gen, dtype=torch.float64, device=self.device)
-        for _ in range(2 if self.rank else 0):  # twice is enough (Giraud et al. 2005)
-            G -= self.omega @ (self.omega.T @ G)
-        Q, _ = torch.linalg.qr(G)
-        Y = torch.cat([self.matvec(Q[:, i : i + self.batch].T).double() for i in range(0, k, self.batch)]).T
+        Q = self._orthonormal(G)
+        for _ in range(self.power_iters):
+            Q = self._orthonormal(self._apply(Q))
+        Y = self._apply(Q)
         self.omega, self.Y = torch.cat([self.omega, Q], 1), torch.cat([self.Y, Y], 1)
+
+    def _orthonormal(self, G: torch.Tensor) -> torch.Tensor:
+        """An orthonormal basis of G's columns, orthogonal to the sketch's test vectors."""
+        for _ in range(2 if self.rank else 0):  # twice is enough (Giraud et al. 2005)
+            G = G - self.omega @ (self.omega.T @ G)
+        return torch.linalg.qr(G)[0]
+
+    def _apply(self, Q: torch.Tensor) -> torch.Tensor:
+        """S Q for the columns of Q, ``batch`` at a time (float64)."""
+        return torch.cat([self.matvec(Q[:, i : i + self.batch].T).double() for i in range(0, Q.shape[1], self.batch)]).T
 
     def factor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """U ``(n, r)`` with orthonormal columns and Λ ``(r,)`` ≥ 0, descending (float64), cached per rank."""
@@ -133,7 +147,7 @@ def grown_nystrom(cfg: SamplerConfig, post: Posterior, name: str, n: int,
     r_max = min(max(cfg.precond_max_rank, r0), post.m, post.p, cap)
     sketch = post.cache.get(name)
     if sketch is None:
-        sketch = NystromSketch(matvec, n, device=post.model.device)
+        sketch = NystromSketch(matvec, n, device=post.model.device, power_iters=cfg.precond_power_iters)
         post.cache[name] = sketch
     settled = (name, "settled", post.g, post.sigma2)
     if settled in post.cache and sketch.rank:
