@@ -184,6 +184,10 @@ def main(argv=None):
     for tol in [1e-2, 1e-3]:
         settings.append(("cg", SamplerConfig(cg_tol=tol, chains_per_batch=32), 32, f"tol {tol:g}, adaptive rank"))
     settings.append(("cg", SamplerConfig(cg_tol=1e-3, precond_rank=0, chains_per_batch=32), 32, "tol 0.001, no precond"))
+    # subspace iterations in the Nyström sketch (sampler.precond_power_iters): sketch costs 2x per rank
+    settings.append(("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=32, precond_power_iters=1), 32,
+                     "tol 0.001, adaptive, 1 power it."))
+    settings.append(("sgd", SamplerConfig(chains_per_batch=32, precond_power_iters=1), 32, "defaults, 1 power it."))
     if not args.quick:
         settings.append(("sgd", SamplerConfig(chains_per_batch=32), 128, "defaults (tol 0.01, adapt.)"))
         settings.append(("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=32), 128, "tol 0.001, adaptive rank"))
