@@ -117,7 +117,7 @@ def test_calibrate_stage_outputs(scan, tmp_path):
     res = run_pipeline(scan, load_config(None).replace(TINY), tmp_path / "run", seed=0, progress=False)
     run = res.run_dir
     cal = json.loads((run / "stages" / "07_calibrate" / "calibration.json").read_text())
-    assert cal["enabled"] and cal["n_angles"] == 2 and cal["parameters"]["scale"] > 0
+    assert cal["enabled"] and cal["n_angles"] == 3 and cal["parameters"]["scale"] > 0  # 20 angles: data.holdout_min = 3 held out
     std_raw = np.load(run / "std_raw.npy")
     assert std_raw.shape == res.std.shape and not np.allclose(std_raw, res.std)
     m = res.metrics
