@@ -8,9 +8,6 @@ distributed split all derive from it.
 
 from __future__ import annotations
 
-import torch
-
-from dipuq import seeds
 from dipuq.run.context import Stage
 from dipuq.run.stages.data import FBP, SCAN, check_memory, prepare_scan
 from dipuq.run.stages.fit import DIP, LINEARISE
@@ -18,7 +15,7 @@ from dipuq.run.stages.maps import CALIBRATE, MAPS, METRICS
 from dipuq.run.stages.posterior import POSTERIOR, SAMPLER
 from dipuq.run.stages.show import FIGURES, REPORT
 
-__all__ = ["STAGES", "STAGE_NAMES", "stage", "loaders", "stage_generator", "prepare_scan", "check_memory"]
+__all__ = ["STAGES", "STAGE_NAMES", "stage", "loaders", "prepare_scan", "check_memory"]
 
 STAGES: tuple[Stage, ...] = (SCAN, FBP, DIP, LINEARISE, POSTERIOR, SAMPLER, CALIBRATE, MAPS, METRICS, FIGURES, REPORT)
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
@@ -32,8 +29,3 @@ def stage(name: str) -> Stage:
 def loaders() -> dict:
     """``ctx`` key -> loader, over every stage's outputs."""
     return {key: fn for s in STAGES for key, fn in s.outputs.items()}
-
-
-def stage_generator(seed: int, name: str, device="cpu") -> torch.Generator:
-    """The generator of stage ``name`` under run seed ``seed`` (a pure function of both)."""
-    return seeds.generator(seed, STAGE_NAMES.index(name), device=device)
