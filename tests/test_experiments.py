@@ -126,6 +126,10 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     assert [s for s in STAGE_NAMES if "shared_from" in (cg_run.marker(s) or {})] == ["scan", "fbp", "dip", "linearise"]
     assert cg_run.marker("dip")["shared_from"].endswith("bayes-sgd")
     assert json.loads((out / "seed0/a10/bayes-cg/result.json").read_text())["extra"]["shared_fit"] is True
+    # the calibrated row differs from bayes-cg only in its calibration: it reuses cg's samples
+    cal_run = RunDir(out / "seed0/a10/bayes-cal", STAGE_NAMES)
+    assert [s for s in STAGE_NAMES if "shared_from" in (cal_run.marker(s) or {})] == list(STAGE_NAMES[:STAGE_NAMES.index("sampler") + 1])
+    assert cal_run.marker("sampler")["shared_from"].endswith("bayes-cg")
     # the calibrated row: the same fit, the cg posterior's std calibrated on the held-out angles
     np.testing.assert_array_equal(sgd, np.load(out / "seed0/a10/bayes-cal/recon.npy"))
     cal_std = np.load(out / "seed0/a10/bayes-cal/std.npy")

@@ -133,10 +133,12 @@ class BayesDip(Method):
         cfg = self.config(job.spec)
         run = job.folder / self.name
         shared = []
-        if self.name != BayesSGD.name and BayesSGD.name in job.spec.methods.run:
-            shared = _share_fit(job, job.folder / BayesSGD.name, run, cfg)
+        sources = [n for n in job.spec.methods.run if n != self.name and METHODS[n].bayes]
+        src = max(sources, key=lambda n: len(_shareable(job.folder / n, run, cfg)), default=None)
+        if src is not None:
+            shared = _share_fit(job, job.folder / src, run, cfg)
             if shared:
-                job.log(f"    sharing the DIP fit of {BayesSGD.name} (stages {', '.join(shared)})")
+                job.log(f"    sharing stages {', '.join(shared)} of {src}")
         bars = job.progress and sys.stderr.isatty()  # progress bars only on a terminal, stage lines always
         if job.dist is not None:  # the other torchrun ranks join this run (they shard the sampling)
             job.dist.broadcast_object({"scan": job.scan, "config": cfg, "run": str(run), "seed": job.seed,
@@ -193,14 +195,11 @@ def _share_fit(job: Job, src: Path, dst: Path, cfg: Config) -> list[str]:
     linearise), re-keyed for ``cfg``. Returns the stages shared: none when ``dst`` exists, or
     ``src`` has not finished them or its files fail their checksums.
     """
+    shared = _shareable(src, dst, cfg)
+    if not shared or any(RunDir(src, STAGE_NAMES).verify(s) is not None for s in shared):
+        return []  # its files fail their checksums: compute afresh
     srun, drun = RunDir(src, STAGE_NAMES), RunDir(dst, STAGE_NAMES)
-    if not srun.path("stages", resume.REQUEST_FILE).exists() or drun.path("stages", resume.REQUEST_FILE).exists():
-        return []
-    changed = resume.changed_sections(diff_configs(load_config(srun.path(resume.CONFIG_FILE)), cfg))
-    shared = list(STAGE_NAMES[:STAGE_NAMES.index(resume.first_affected(STAGES, changed))])
     markers = [srun.marker(s) for s in shared]
-    if not shared or any(m is None for m in markers) or any(srun.verify(s) is not None for s in shared):
-        return []  # unfinished, or its files fail their checksums: compute afresh
     request = provenance.request(job.scan, cfg, job.seed)
     key = provenance.request_key(request)
     drun.create()
@@ -214,6 +213,17 @@ def _share_fit(job: Job, src: Path, dst: Path, cfg: Config) -> list[str]:
     atomic_write_text(drun.path(resume.CONFIG_FILE), dumps_config(cfg))
     atomic_write_json(drun.path("stages", resume.REQUEST_FILE), request)  # written last: the run is now valid
     return shared
+
+
+def _shareable(src: Path, dst: Path, cfg: Config) -> list[str]:
+    """The stages of finished run ``src`` that a new run ``dst`` with config ``cfg`` could reuse
+    (see :func:`_share_fit`; nothing when ``dst`` already exists or ``src`` has not finished them)."""
+    srun, drun = RunDir(src, STAGE_NAMES), RunDir(dst, STAGE_NAMES)
+    if not srun.path("stages", resume.REQUEST_FILE).exists() or drun.path("stages", resume.REQUEST_FILE).exists():
+        return []
+    changed = resume.changed_sections(diff_configs(load_config(srun.path(resume.CONFIG_FILE)), cfg))
+    shared = list(STAGE_NAMES[:STAGE_NAMES.index(resume.first_affected(STAGES, changed))])
+    return shared if all(srun.marker(s) is not None for s in shared) else []
 
 
 def _split_times(timings: dict[str, float]) -> dict[str, float]:
