@@ -119,8 +119,7 @@ def test_linear_model_mean_matches_exact(post, name):
 
 
 def test_block_cg_solves_the_same_systems_in_fewer_iterations(post):
-    B, H = _dense_H(post)
-    cfg = dict(chains_per_batch=16, precond_rank=0, cg_tol=1e-6)  # unpreconditioned: many iterations
+    cfg = {"chains_per_batch": 16, "precond_rank": 0, "cg_tol": 1e-6}  # unpreconditioned: many iterations
     res = {blk: make_sampler("cg", SamplerConfig(cg_block=blk, **cfg)).sample(post, 16, seed=3, keep_z=True)
            for blk in (False, True)}
     # the same chains to the same tolerance: the samples agree
