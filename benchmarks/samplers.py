@@ -1,228 +1,208 @@
-"""Benchmark: posterior samplers (sgd, cg, exact) on a 2D 64² linearised-DIP problem.
+"""Benchmark: posterior samplers (sgd, cg, exact) against the DIP fit, in 2D and 3D.
 
-Fits a small U-Net DIP to a simulated sparse-angle parallel-beam scan, linearises it, sets g to
-the exact evidence maximiser, and compares each sampler's std map with the exact posterior std:
-median relative error against cost (network JVP/VJP and operator applications, wall time).
-Finally reports (uncertainty time) / (DIP fit time) for the cheapest setting reaching a 10 %
-median std error (with the exact reference it is pure Monte Carlo error ≈ 0.67/sqrt(2K)).
+Each case runs dipuq's own pipeline up to the posterior (held-out angles, DIP fit at its default
+validation stop, linearisation, g from the fitted weights as in the demos), then times every
+sampler setting on that posterior, each paying for its own preconditioner:
 
-Run:  python benchmarks/samplers.py [--size 64] [--angles 30] [--dip-iters 1000] [--quick]
+- ``2d``: 64² Shepp–Logan, parallel beam, 30 views, 1 % noise; reference = the exact posterior std
+  (dense Cholesky); "MC floor" = the exact sampler on the same chains (pure Monte Carlo error).
+- ``3d``: 32³ Shepp–Logan, cone beam, 20 views, 2 % noise (the demo's geometry at 32³); no dense
+  reference fits in memory, so the reference is the same chains solved to a relative residual of
+  1e-6 (cg, warm-started from a 1e-3 solve): the error column is then the solver's error alone,
+  and the total error is estimated as √(MC² + solver²) with the Gaussian MC error of a K-sample std
+  (0.6745/√(2K): 0.084 at K = 32; the 2D case measures 0.086).
+
+Columns: K-products = vectors pushed through K = g·AJ̃J̃ᵀAᵀ (or H) including the Nyström sketch;
+"floor" = the Krylov floor ½√κ·ln(2/ε) at ε = 1e-3 for κ of the Nyström-preconditioned dual system
+(``CGSampler.condition_number``: Lanczos from 60 PCG steps), iters/floor how far a setting is from it. The summary
+prints (uncertainty time)/(DIP fit time) for the cheapest setting at ≤ 10 % median std error, where
+uncertainty time = linearisation (g-prior probes) + preconditioner + sampling, and the sgd/cg ratio.
+
+Run:  python benchmarks/samplers.py [--cases 2d,3d] [--threads 2] [--samples 32] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 import time
 
 import numpy as np
 import torch
 
-from dipuq.operators.base import LinearOperator
-from dipuq.posterior.linearise import LinearisedModel
-from dipuq.posterior.model import Posterior
+from dipuq.data.phantoms import shepp_logan
+from dipuq.geometry import Geometry
+from dipuq.operators.simulate import simulate_scan
+from dipuq.run.config import Config
+from dipuq.run.context import RunContext
+from dipuq.run.pipeline import run_pipeline
+from dipuq.run.rundir import RunDir
+from dipuq.run.stages import STAGE_NAMES, loaders
 from dipuq.samplers import SamplerConfig, make_sampler
+from dipuq.samplers.nystrom import krylov_iterations
+
+MC_GAUSS = 0.6745 / math.sqrt(2.0)  # median |relative error| of a K-sample std is MC_GAUSS / √K
 
 
-def phantom(n: int) -> torch.Tensor:
-    """A few ellipses on [−1, 1]² (a Shepp–Logan-like test image)."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, n), torch.linspace(-1, 1, n), indexing="ij")
-    x = torch.zeros(n, n)
-    for cy, cx, ay, ax, v in [(0, 0, 0.85, 0.65, 1.0), (0, 0, 0.75, 0.55, -0.6), (-0.2, -0.2, 0.2, 0.15, 0.4),
-                              (0.25, 0.15, 0.15, 0.25, 0.3), (0.5, -0.1, 0.08, 0.08, 0.5)]:
-        x[((yy - cy) / ay) ** 2 + ((xx - cx) / ax) ** 2 <= 1] += v
-    return x
+def make_case(name: str):
+    """(scan, pipeline overrides) of a benchmark case."""
+    if name == "2d":
+        geom = Geometry.parallel2d(np.linspace(0, np.pi, 30, endpoint=False), (64, 64))
+        scan = simulate_scan(shepp_logan((64, 64)), geom, noise="gaussian", noise_level=0.01,
+                             generator=torch.Generator().manual_seed(1), name="2D Shepp-Logan 64², 30 views")
+        net = {"dip.network.scales": 3, "dip.network.channels": [8, 16, 16], "dip.network.skip_channels": 2,
+               "dip.lr": 1e-2, "dip.gamma": 1e-4}
+    else:
+        n = 32
+        geom = Geometry.cone3d(np.linspace(0, 2 * np.pi, 20, endpoint=False), (n, n, n),
+                               det_shape=(int(1.25 * n), int(1.5 * n)), source_origin=4.0 * n,
+                               origin_detector=2.0 * n, det_spacing=1.5)
+        scan = simulate_scan(shepp_logan((n, n, n)), geom, noise="gaussian", noise_level=0.02,
+                             generator=torch.Generator().manual_seed(2), name="3D Shepp-Logan 32³, cone, 20 views")
+        net = {"dip.network.scales": 3, "dip.network.channels": 8, "dip.network.skip_channels": 2,
+               "dip.lr": 3e-3, "dip.gamma": 1e-4}
+    over = {**net, "posterior.em_rounds": 0, "sampler.method": "cg", "sampler.n_samples": 1,
+            "calibration.enabled": False, "output.figures": False, "output.report": False, "output.tiff": False}
+    return scan, over
 
 
-def build_operator(n: int, n_angles: int):
-    try:
-        from dipuq.geometry import Geometry
-        from dipuq.operators import RayTransform
-
-        A = RayTransform(Geometry.parallel2d(np.linspace(0, np.pi, n_angles, endpoint=False), (n, n)))
-        return A, f"RayTransform parallel2d ({A.backend})"
-    except Exception as exc:  # noqa: BLE001 - operators not ready: random sparse fallback
-        from dipuq.operators.base import MatrixOperator
-
-        gen = torch.Generator().manual_seed(0)
-        m = n_angles * int(n * 1.45)
-        M = torch.randn(m, n * n, generator=gen) * (torch.rand(m, n * n, generator=gen) < 0.02)
-        return MatrixOperator(M.to_sparse_csr(), (n, n), (m,)), f"random sparse matrix ({exc.__class__.__name__})"
+def fit_case(name: str, folder: str):
+    """Run the pipeline on the case; returns (posterior, DIP seconds, DIP iterations, linearise seconds)."""
+    scan, over = make_case(name)
+    cfg = Config().replace(over)
+    res = run_pipeline(scan, cfg, folder, seed=0, device="cpu", progress=False)
+    ctx = RunContext(RunDir(folder, STAGE_NAMES), cfg, 0, torch.device("cpu"), False, loaders=loaders())
+    dip = ctx["dip"]
+    return ctx["posterior"], res.timings["dip"], dip.iterations, dip.best_iteration, res.timings["linearise"]
 
 
-def fit_dip(A, y, n, iters, gen):
-    """DIP fit with dipuq.dip.driver.run_dip if available, else plain Adam on ||A f(θ) − y||²; returns (net, z, secs)."""
-    from dipuq.dip.networks import UNet
-
-    net = UNet(ndim=2, scales=3, channels=(8, 16, 16), skip_channels=2, groupnorm=4, generator=gen)
-    t0 = time.perf_counter()
-    try:
-        from dipuq.dip.driver import run_dip
-        from dipuq.dip.fit import DipConfig
-
-        res = run_dip(net, A, y, DipConfig(iterations=iters, lr=1e-2, gamma=1e-4), generator=gen)
-        net = res.build_net()
-        z = res.net_input
-        how = "dipuq.dip.driver.run_dip"
-    except Exception as exc:  # noqa: BLE001
-        z = torch.randn(1, 1, n, n, generator=gen) * 0.1
-        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        for _ in range(iters):
-            opt.zero_grad()
-            loss = (A(net(z)[0, 0]) - y).pow(2).sum()
-            loss.backward()
-            opt.step()
-        how = f"plain Adam ({exc.__class__.__name__}: {exc})"
-    return net, z, time.perf_counter() - t0, how
-
-
-class CountedOperator(LinearOperator):
-    """``A`` itself, counting the single vectors pushed through A (``n_A``) and Aᵀ (``n_AT``)."""
-
-    def __init__(self, A):
-        self.A, self.n_A, self.n_AT = A, 0, 0
-        self.domain_shape, self.range_shape, self.dtype, self.device = A.domain_shape, A.range_shape, A.dtype, A.device
-
-    def _apply(self, x):
-        self.n_A += x.shape[0]
-        return self.A._raw(x, False)
-
-    def _adjoint(self, y):
-        self.n_AT += y.shape[0]
-        return self.A._raw(y, True)
-
-    def as_matrix(self, dtype=None):
-        return self.A.as_matrix(dtype)
-
-
-def run_one(post, name, cfg, K, seed=1):
-    model = post.model
-    model.n_jvp = model.n_vjp = 0
-    post.A.n_A = post.A.n_AT = 0
+def run_setting(post, name: str, cfg: SamplerConfig, K: int, seed: int = 1, init=None):
+    """Time one sampler setting from a cold preconditioner; returns (result, seconds, K-products)."""
     for key in [k for k in post.cache if k != "dense" and not (isinstance(k, tuple) and k[0] == "chol")]:
-        del post.cache[key]  # each run pays for its own preconditioner and step-size estimate
+        del post.cache[key]  # each setting pays for its own preconditioner and step size
     sampler = make_sampler(name, cfg)
     t0 = time.perf_counter()
     sampler.prepare(post)
-    res = sampler.sample(post, K, seed=seed)
+    res = sampler.sample(post, K, seed=seed, keep_z=True, keep_warm=True, init=init)
     secs = time.perf_counter() - t0
-    res.solver = sampler.describe(post)  # preconditioner rank actually used (adaptive)
-    return res, secs, (model.n_jvp, model.n_vjp, post.A.n_A, post.A.n_AT)
+    info = sampler.describe(post)
+    rank = int(info.get("precond_rank", 0))
+    sketch = rank * (1 + cfg.precond_power_iters)
+    batches = math.ceil(K / cfg.chains_per_batch)
+    iters = res.steps // max(batches, 1)
+    products = sketch + (K * iters if name != "exact" else 0)
+    return res, secs, products, rank, iters
+
+
+def settings_for(case: str, quick: bool, K: int):
+    b = min(K, 16)
+    rows = []
+    if case == "2d":
+        rows.append(("exact", SamplerConfig(chains_per_batch=b), "dense Cholesky"))
+    rows += [
+        ("sgd", SamplerConfig(n_steps=150, chains_per_batch=b, precond_max_rank=256, grad_tol=0), "150 steps, rank 256"),
+        ("sgd", SamplerConfig(chains_per_batch=b), "defaults (tol 0.01, adaptive)"),
+        ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=False), "tol 1e-3, one space per chain"),
+        ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=True), "tol 1e-3, block"),
+        ("cg", SamplerConfig(cg_tol=3e-3, chains_per_batch=b, cg_block=True), "tol 3e-3, block"),
+        ("cg", SamplerConfig(cg_tol=1e-2, chains_per_batch=b, cg_block=True), "tol 1e-2, block"),
+    ]
+    if not quick:
+        rows += [
+            ("sgd", SamplerConfig(n_steps=300, chains_per_batch=b, grad_tol=0), "300 steps, adaptive"),
+            ("sgd", SamplerConfig(chains_per_batch=b, grad_tol=0.03), "tol 0.03, adaptive"),
+            ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=True, precond_power_iters=1),
+             "tol 1e-3, block, 1 power it."),
+            ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=True, precond_max_rank=512),
+             "tol 1e-3, block, rank <= 512"),
+        ]
+    return rows
+
+
+def bench_case(case: str, args) -> list[tuple]:
+    K = args.samples
+    if args.workdir:  # kept (and resumed: the DIP times are then those recorded by the first run)
+        post, t_dip, its, best, t_lin = fit_case(case, f"{args.workdir}/{case}")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            post, t_dip, its, best, t_lin = fit_case(case, tmp)
+    print(f"\n=== case {case}: m = {post.m} (fitted rays), p = {post.p} conv weights, d = {post.d} voxels")
+    print(f"DIP fit (default validation stop): {its} iterations (kept {best}) in {t_dip:.1f} s; "
+          f"linearise (g-prior probes) {t_lin:.1f} s; g = {post.g:.4g}, sigma2 = {post.sigma2:.4g}")
+    mc_gauss = MC_GAUSS / math.sqrt(K)
+    if case == "2d":
+        ex = make_sampler("exact")
+        t0 = time.perf_counter()
+        ref_std = ex.image_variance(post).sqrt()
+        print(f"reference: exact posterior std (dense set-up {time.perf_counter() - t0:.1f} s)")
+        floor_res, _, _, _, _ = run_setting(post, "exact", SamplerConfig(chains_per_batch=min(K, 16)), K)
+        floor = float(((floor_res.moments.std() - ref_std).abs() / ref_std).median())
+    else:
+        t0 = time.perf_counter()
+        start, _, _, _, _ = run_setting(post, "cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=min(K, 16)), K)
+        ref, _, _, _, _ = run_setting(post, "cg", SamplerConfig(cg_tol=1e-6, cg_max_iter=3000,
+                                                                chains_per_batch=min(K, 16)), K, init=start.warm)
+        ref_std = ref.moments.std()
+        floor = 0.0
+        print(f"reference: the same {K} chains solved to 1e-6 ({time.perf_counter() - t0:.1f} s); "
+              f"Gaussian MC error of a {K}-sample std: {mc_gauss:.3f}")
+    t0 = time.perf_counter()
+    kappa = make_sampler("cg", SamplerConfig(chains_per_batch=1)).condition_number(post)
+    kfloor = math.ceil(krylov_iterations(kappa, 1e-3))
+    print(f"preconditioned dual κ (Lanczos, adaptive rank): {kappa:.3g}; Krylov floor at 1e-3: {kfloor} iterations "
+          f"({time.perf_counter() - t0:.1f} s)")
+    hdr = (f"{'sampler':7s} {'setting':30s} {'K':>3s} {'rank':>5s} {'iters':>6s} {'iters/floor':>11s} "
+           f"{'K-products':>10s} {'med.err':>8s} {'total err':>9s} {'wall s':>7s} {'(UQ)/DIP':>8s}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for name, cfg, desc in settings_for(case, args.quick, K):
+        res, secs, products, rank, iters = run_setting(post, name, cfg, K)
+        err = float(((res.moments.std() - ref_std).abs() / ref_std).median())
+        total = err if case == "2d" else math.hypot(mc_gauss, err)
+        ratio = (t_lin + secs) / t_dip
+        rows.append((case, name, desc, total, secs, ratio, iters, kfloor))
+        far = "" if name == "exact" else f"{iters / kfloor:11.2f}"
+        print(f"{name:7s} {desc:30s} {K:3d} {rank:5d} {iters:6d} {far:>11s} {products:10d} {err:8.4f} {total:9.4f} "
+              f"{secs:7.1f} {ratio:8.2f}", flush=True)
+    if case == "2d":
+        print(f"MC floor (exact sampler, same chains): {floor:.4f}")
+    return rows
+
+
+def summary(rows, t_note: str) -> None:
+    print(f"\n=== summary ({t_note}): cheapest setting at <= 10 % median std error")
+    for case in sorted({r[0] for r in rows}):
+        best = {}
+        for name in ("sgd", "cg", "exact"):
+            ok = [r for r in rows if r[0] == case and r[1] == name and r[3] <= 0.10]
+            if ok:
+                best[name] = min(ok, key=lambda r: r[4])
+                _, n, d, e, s, ratio, it, kf = best[name]
+                print(f"{case} {n:5s}: {d} (err {e:.3f}, {it} iterations = {it / kf:.2f}x the Krylov floor): "
+                      f"{s:.1f} s; (uncertainty time)/(DIP fit time) = {ratio:.2f}")
+            else:
+                print(f"{case} {name:5s}: no setting reached 10 % median std error")
+        if "sgd" in best and "cg" in best:
+            print(f"{case} sgd/cg time at equal accuracy: {best['sgd'][4] / best['cg'][4]:.2f}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--angles", type=int, default=30)
-    ap.add_argument("--dip-iters", type=int, default=300)
+    ap.add_argument("--cases", default="2d,3d", help="comma-separated: 2d, 3d")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=32, help="K, posterior samples per setting")
     ap.add_argument("--quick", action="store_true", help="fewer settings")
+    ap.add_argument("--workdir", help="keep each case's pipeline run here (a rerun reuses its DIP fit)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    n = args.size
-    A, a_desc = build_operator(n, args.angles)
-    x_true = phantom(n)
-    with torch.no_grad():
-        ax = A(x_true)
-    noise = 0.01 * float(ax.abs().max())
-    y = ax + noise * torch.randn(ax.shape, generator=gen)
-    net, z, t_dip, how = fit_dip(A, y, n, args.dip_iters, gen)
-    model = LinearisedModel(net, z, A)
-    with torch.no_grad():
-        psnr = 10 * math.log10(float(x_true.max() - x_true.min()) ** 2 / float((model.mean - x_true).pow(2).mean()))
-    print(f"problem: {n}x{n} image, operator {a_desc}, m = {A.shape[0]}, p = {model.p} conv weights")
-    print(f"DIP fit: {args.dip_iters} iterations in {t_dip:.1f} s via {how}; PSNR {psnr:.2f} dB")
-
-    t0 = time.perf_counter()
-    post = Posterior(model, CountedOperator(A), y, sigma2=noise**2, g=1.0, n_probes=128, generator=gen)
-    t_scale = time.perf_counter() - t0
-    ex = make_sampler("exact")
-    t0 = time.perf_counter()
-    ex.dense(post)
-    from scipy.optimize import minimize_scalar
-
-    opt = minimize_scalar(lambda lg: -ex.log_evidence(post, math.exp(lg)), bounds=(-30, 5), method="bounded",
-                          options={"xatol": 1e-3})
-    post = post.with_g(math.exp(opt.x))
-    std_ref = ex.image_variance(post).sqrt()
-    t_exact_setup = time.perf_counter() - t0
-    print(f"g-prior scales (128 probes): {t_scale:.1f} s; exact setup (dense J̃, AJ̃, evidence argmax, "
-          f"variance): {t_exact_setup:.1f} s; g* = {post.g:.4g}, sigma2 = {post.sigma2:.4g}")
-
-    # J / Jᵀ batching: vmap vs a Python loop over chains (16 vectors)
-    v = torch.randn(16, model.p, generator=gen)
-    u = torch.randn(16, *model.image_shape, generator=gen)
-    for mode in ("vmap", "loop"):
-        model.batching = mode
-        model.jvp(v), model.vjp(u)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            model.jvp(v)
-        t1 = time.perf_counter()
-        for _ in range(5):
-            model.vjp(u)
-        t2 = time.perf_counter()
-        print(f"batching {mode:5s}: J v {1e3 * (t1 - t0) / 80:.2f} ms/vector, Jᵀ u {1e3 * (t2 - t1) / 80:.2f} ms/vector")
-    model.batching = "vmap"
-
-    settings = []
-    for K in ([32] if args.quick else [32, 128]):
-        settings.append(("exact", SamplerConfig(), K, "dense Cholesky"))
-    settings.append(("sgd", SamplerConfig(n_steps=300, chains_per_batch=32, precond_rank=0, grad_tol=0), 32,
-                     "300 steps, no precond"))
-    for T in ([50, 150] if args.quick else [50, 150, 300]):  # the fixed rank-256 preconditioner of 0.1
-        settings.append(("sgd", SamplerConfig(n_steps=T, chains_per_batch=32, precond_max_rank=256, grad_tol=0), 32,
-                         f"{T} steps, rank 256 fixed"))
-    settings.append(("sgd", SamplerConfig(chains_per_batch=32), 32, "defaults (tol 0.01, adapt.)"))
-    settings.append(("sgd", SamplerConfig(chains_per_batch=32, grad_tol=0.03), 32, "tol 0.03, adaptive rank"))
-    if not args.quick:
-        settings.append(("sgd", SamplerConfig(n_steps=150, chains_per_batch=32, average_from=0.5, precond_max_rank=256,
-                                              grad_tol=0), 32, "150 steps, avg 1/2"))
-        settings.append(("sgd", SamplerConfig(n_steps=150, chains_per_batch=32, lr_decay="cosine", precond_max_rank=256,
-                                              grad_tol=0), 32, "150 steps, cosine"))
-    for tol in [1e-2, 1e-3]:
-        settings.append(("cg", SamplerConfig(cg_tol=tol, chains_per_batch=32), 32, f"tol {tol:g}, adaptive rank"))
-    settings.append(("cg", SamplerConfig(cg_tol=1e-3, precond_rank=0, chains_per_batch=32), 32, "tol 0.001, no precond"))
-    # subspace iterations in the Nyström sketch (sampler.precond_power_iters): sketch costs 2x per rank
-    settings.append(("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=32, precond_power_iters=1), 32,
-                     "tol 0.001, adaptive, 1 power it."))
-    settings.append(("sgd", SamplerConfig(chains_per_batch=32, precond_power_iters=1), 32, "defaults, 1 power it."))
-    if not args.quick:
-        settings.append(("sgd", SamplerConfig(chains_per_batch=32), 128, "defaults (tol 0.01, adapt.)"))
-        settings.append(("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=32), 128, "tol 0.001, adaptive rank"))
-
-    # the same chains through the exact solver: the Monte Carlo floor for each K
-    floor = {}
     rows = []
-    hdr = (f"{'sampler':8s} {'setting':28s} {'K':>4s} {'rank':>5s} {'med.rel.err':>11s} {'MC floor':>8s} {'iters':>6s} "
-           f"{'JVPs':>7s} {'VJPs':>7s} {'A':>7s} {'AT':>7s} {'wall s':>7s} {'samples/s':>9s}")
-    print()
-    print(hdr)
-    print("-" * len(hdr))
-    for name, cfg, K, desc in settings:
-        if K not in floor:
-            r, _, _ = run_one(post, "exact", SamplerConfig(), K)
-            floor[K] = float(((r.moments.std() - std_ref).abs() / std_ref).median())
-        res, secs, (nj, nv, na, nat) = run_one(post, name, cfg, K)
-        err = float(((res.moments.std() - std_ref).abs() / std_ref).median())
-        iters = res.steps // max(1, math.ceil(K / cfg.chains_per_batch))
-        rows.append((name, desc, K, err, secs))
-        rank = getattr(res, "solver", {}).get("precond_rank", 0)
-        print(f"{name:8s} {desc:28s} {K:4d} {rank:5d} {err:11.4f} {floor[K]:8.4f} {iters:6d} {nj:7d} {nv:7d} {na:7d} {nat:7d} "
-              f"{secs:7.2f} {K / secs:9.1f}")
-    print()
-    print(f"DIP fit time: {t_dip:.1f} s ({args.dip_iters} iterations)")
-    for name in ("sgd", "cg", "exact"):
-        ok = [(s, d, K, e) for nm, d, K, e, s in rows if nm == name and e <= 0.10]
-        if ok:
-            s, d, K, e = min(ok)
-            extra = t_scale if name != "exact" else t_exact_setup
-            print(f"{name:5s}: cheapest setting at <= 10 % median std error: {d}, K = {K} ({e:.3f}): "
-                  f"{s:.1f} s sampling (+{extra:.1f} s {'g-prior scales' if name != 'exact' else 'dense setup'}); "
-                  f"uncertainty/DIP time = {(s + extra) / t_dip:.2f}")
-        else:
-            print(f"{name:5s}: no setting reached 10 % median std error")
+    for case in args.cases.split(","):
+        if case not in ("2d", "3d"):
+            ap.error(f"unknown case {case!r}: use 2d and/or 3d")
+        rows += bench_case(case, args)
+    summary(rows, f"{args.threads} threads")
 
 
 if __name__ == "__main__":

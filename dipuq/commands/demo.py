@@ -47,8 +47,10 @@ SETTINGS = {
         "dip.network.channels": 8, "dip.network.skip_channels": 2,
         "linearise.diag_probes": 8,
         "posterior.em_rounds": 0,  # as the default preset: g from the fitted weights
+        # cg_tol 3e-3: the std map is then within 1.1 % (median) of the same 8 chains solved to
+        # 1e-6, against a Monte Carlo error of 17 % for 8 samples (measured); 1e-3 costs 27 % more
         "sampler.method": "cg", "sampler.n_samples": 8, "sampler.chains_per_batch": 8,
-        "sampler.cg_tol": 1e-3, "sampler.cg_max_iter": 300,
+        "sampler.cg_tol": 3e-3, "sampler.cg_max_iter": 300,
         "output.report_slices": 16,
     }),
 }

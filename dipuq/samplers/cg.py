@@ -19,7 +19,7 @@ import torch
 from dipuq.errors import DivergenceError
 from dipuq.posterior.model import Posterior
 from dipuq.samplers.base import Sampler, SamplerState
-from dipuq.samplers.nystrom import PRECOND_KEYS, grown_nystrom, lowrank_inverse
+from dipuq.samplers.nystrom import PRECOND_KEYS, grown_nystrom, lowrank_inverse, pcg_kappa
 
 __all__ = ["CGSampler"]
 
@@ -43,6 +43,13 @@ class CGSampler(Sampler):
 
         return grown_nystrom(self.cfg, post, "nystrom_dual_sketch", post.m, matvec)
 
+    def condition_number(self, post: Posterior, n_iter: int = 60) -> float:
+        """κ of the preconditioned dual system, measured by Lanczos from ``n_iter`` PCG steps
+        (:func:`~dipuq.samplers.nystrom.pcg_kappa`): the diagnostic behind the Krylov floor."""
+        dt = post.model.dtype
+        return pcg_kappa(lambda v: post.kernel(v.to(dt)).double(), self._precond(post), post.A.range_shape,
+                         n_iter=n_iter, device=post.model.device)
+
     def describe(self, post: Posterior) -> dict:
         ny = self.nystrom(post)
         out = {"precond_rank": 0 if ny is None else int(ny[1].numel())}
@@ -57,7 +64,10 @@ class CGSampler(Sampler):
         ny = self.nystrom(post)
         if ny is None:
             return lambda v: v
-        U, lam = ny
+        return self._pinv(post, *ny)
+
+    @staticmethod
+    def _pinv(post: Posterior, U: torch.Tensor, lam: torch.Tensor):
         lam_g = post.g * lam
         s2 = post.sigma2
         # P⁻¹ = (I − UUᵀ) + U diag((λ_r + σ²)/(λ + σ²)) Uᵀ

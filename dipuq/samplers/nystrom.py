@@ -19,7 +19,8 @@ from dipuq.errors import DipuqError
 from dipuq.posterior.model import Posterior
 from dipuq.samplers.base import SamplerConfig
 
-__all__ = ["NystromSketch", "nystrom", "lowrank_inverse", "grown_nystrom", "PRECOND_KEYS"]
+__all__ = ["NystromSketch", "nystrom", "lowrank_inverse", "grown_nystrom", "pcg_kappa", "krylov_iterations",
+           "PRECOND_KEYS"]
 
 #: the SamplerConfig fields :func:`grown_nystrom` reads (part of ``keys`` of the samplers using it)
 PRECOND_KEYS = ("precond_rank", "precond_max_rank", "precond_kappa", "precond_memory_gb", "precond_power_iters")
@@ -119,6 +120,48 @@ def lowrank_inverse(U: torch.Tensor, inside: torch.Tensor, outside: float) -> Ca
         return (outside * (vf - c @ U.T) + (c * inside) @ U.T).reshape(v.shape).to(v.dtype)
 
     return apply
+
+
+def pcg_kappa(apply: Callable[[torch.Tensor], torch.Tensor], pinv: Callable[[torch.Tensor], torch.Tensor],
+              shape: tuple[int, ...], n_iter: int = 40, seed: int = 3, device=None) -> float:
+    """Condition number of the preconditioned system P⁻¹S, estimated by Lanczos from ``n_iter`` PCG
+    steps on one random right-hand side (the Ritz values of CG's tridiagonal matrix; Golub & Van
+    Loan §11.3). ``apply`` and ``pinv`` map ``(1, *shape)`` float64 -> float64. The estimate is a
+    lower bound that is close after ~√κ steps; it costs ``n_iter`` products with S.
+    """
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
+    r = torch.randn(1, *shape, generator=gen, dtype=torch.float64, device=device)
+    z = pinv(r)
+    p, rz = z.clone(), float((r * z).sum())
+    diag, off = [], []
+    a_old = b_old = None
+    for _ in range(n_iter):
+        Sp = apply(p)
+        pSp = float((p * Sp).sum())
+        if not (pSp > 0 and rz > 0):
+            break
+        a = rz / pSp
+        diag.append(1 / a + (b_old / a_old if a_old is not None else 0.0))
+        r = r - a * Sp
+        z = pinv(r)
+        rz_new = float((r * z).sum())
+        b = rz_new / rz
+        off.append(math.sqrt(max(b, 0.0)) / a)
+        p, rz, a_old, b_old = z + b * p, rz_new, a, b
+    k = len(diag)
+    if k == 0:
+        return 1.0
+    T = torch.diag(torch.tensor(diag, dtype=torch.float64))
+    if k > 1:
+        e = torch.tensor(off[: k - 1], dtype=torch.float64)
+        T = T + torch.diag(e, 1) + torch.diag(e, -1)
+    ev = torch.linalg.eigvalsh(T)
+    return float(ev[-1] / ev[0]) if ev[0] > 0 else math.inf
+
+
+def krylov_iterations(kappa: float, tol: float) -> float:
+    """CG's iteration bound ½√κ·ln(2/tol) for a relative residual ``tol`` (the Krylov floor)."""
+    return 0.5 * math.sqrt(max(kappa, 1.0)) * math.log(2.0 / tol)
 
 
 def grown_nystrom(cfg: SamplerConfig, post: Posterior, name: str, n: int,
