@@ -23,6 +23,14 @@ Architecture (``scales = L`` levels, level 0 = full resolution)::
 where ``block`` is two 3×3(×3) convolutions, each followed by GroupNorm and LeakyReLU(0.2), then
 optional channel dropout.
 
+CPU speed (3D only; 2D runs exactly as before): PyTorch computes a dense ``Conv3d`` with few
+channels through its slow vol2col path, a grouped one through oneDNN. With ``fast_conv`` each
+3×3×3 convolution that would take the slow path is computed as the identical groups=2 convolution
+of ``cat([x, x])`` with the *unchanged* weight (group 1 gives output channels ``[0, c_out/2)``
+from ``W[:c_out/2]``, group 2 the rest): the same function and parameters (names, shapes,
+checkpoints, ``torch.func``), several times faster on small volumes. ``channels=0`` (the
+default) uses 16 channels at the full-resolution level of a 3D net, where most of the work is.
+
 Example::
 
     >>> net = UNet(ndim=2, scales=3, channels=8, skip_channels=2)
@@ -55,7 +63,9 @@ class NetworkConfig:
     Parameters
     ----------
     scales : number of resolution levels (1 = no down-sampling)
-    channels : feature channels per level, an int (same at every level) or ``scales`` ints
+    channels : feature channels per level, an int (same at every level) or ``scales`` ints;
+        0 (the default) = automatic: 32 per level in 2D; in 3D 32 per level but 16 at the
+        full-resolution level (level 0), which costs most per channel
     skip_channels : skip-connection channels per level ``0..scales-2``, an int or ``scales - 1``
         ints; 0 disables that skip
     groupnorm : number of GroupNorm groups (reduced to a divisor of each layer's channels);
@@ -66,15 +76,23 @@ class NetworkConfig:
     residual : add the input to the output, f(θ; z) = z + U(θ; z): with the FBP/FDK as input
         the fit starts from the analytic reconstruction and learns a correction (needs
         ``in_ch == out_ch``; not with ``sigmoid``)
+    fast_conv : on CPU (float32), compute the 3×3×3 convolutions of a 3D net that PyTorch would
+        run through its slow dense path as the identical groups=2 convolution, which goes to
+        oneDNN (module docstring); same parameters and outputs to float rounding. No effect in 2D
+        or on GPUs
+    channels_last : run a 3D net on CPU in the ``channels_last_3d`` memory format (off by
+        default: see ``benchmarks/RESULTS.md``); no effect in 2D
     """
 
     scales: int = 4
-    channels: int | tuple[int, ...] = 32
+    channels: int | tuple[int, ...] = 0
     skip_channels: int | tuple[int, ...] = 4
     groupnorm: int = 4
     dropout: float = 0.0
     sigmoid: bool = False
     residual: bool = False
+    fast_conv: bool = True
+    channels_last: bool = False
 
     def __post_init__(self):
         if isinstance(self.channels, Sequence):
@@ -85,7 +103,8 @@ class NetworkConfig:
             self.groupnorm = 4 if self.groupnorm else 0
         if not isinstance(self.scales, int) or self.scales < 1:
             raise ConfigError(f"network.scales must be a positive integer, got {self.scales!r}")
-        _per_level(self.channels, self.scales, "channels", minimum=1)
+        if self.channels != 0:  # 0 = automatic, resolved by resolve_channels(ndim)
+            _per_level(self.channels, self.scales, "channels", minimum=1)
         _per_level(self.skip_channels, self.scales - 1, "skip_channels", minimum=0)
         if self.groupnorm < 0:
             raise ConfigError(f"network.groupnorm must be >= 0 groups, got {self.groupnorm}")
@@ -93,6 +112,12 @@ class NetworkConfig:
             raise ConfigError(f"network.dropout must be in [0, 1), got {self.dropout}")
         if self.residual and self.sigmoid:
             raise ConfigError("network.residual and network.sigmoid cannot both be on")
+
+    def resolve_channels(self, ndim: int) -> tuple[int, ...]:
+        """The channels per level for a ``ndim``-D net (``channels = 0`` made explicit)."""
+        if self.channels == 0:
+            return (32,) * self.scales if ndim == 2 else (16,) + (32,) * (self.scales - 1)
+        return _per_level(self.channels, self.scales, "channels", 1)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -157,11 +182,50 @@ class ChannelDropout(nn.Module):
         return f"p={self.p}, active={self.active}"
 
 
+#: PyTorch (``use_mkldnn`` in ATen's Convolution.cpp) sends a float32 CPU convolution of batch 1
+#: with groups = 1 and a 3×3(×3) kernel to its slow native path when size(0..3) multiply to at
+#: most this; for a 3D input (1, C, D, H, W) that is C·D·H. Measured on torch 2.13 CPU.
+_SLOW_DENSE_MAX = 20480
+
+
+def _dense_is_slow(x: torch.Tensor) -> bool:
+    """Whether ``F.conv3d(x, w)`` (groups=1, 3×3×3) would take PyTorch's slow CPU path."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] == 1
+            and x.shape[1] * x.shape[2] * x.shape[3] <= _SLOW_DENSE_MAX)
+
+
+class FastConv3d(nn.Conv3d):
+    """``nn.Conv3d`` (same parameters, same function) that computes a dense convolution PyTorch
+    would run through its slow CPU path as the identical groups=2 convolution of ``cat([x, x])``
+    with the unchanged weight (oneDNN; module docstring). Needs an even ``out_channels``, zero
+    padding and ``groups = 1``; otherwise, on GPUs, in float64 and for large inputs it is the
+    plain convolution."""
+
+    channels_last = False
+
+    def _conv_forward(self, x, weight, bias):
+        cpu32 = x.device.type == "cpu" and x.dtype == torch.float32
+        groups = 1
+        if (self.groups == 1 and self.out_channels % 2 == 0 and self.padding_mode == "zeros"
+                and _dense_is_slow(x)):
+            x, groups = torch.cat([x, x], dim=1), 2
+        if self.channels_last and cpu32 and self.kernel_size != (1, 1, 1):
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            weight = weight.contiguous(memory_format=torch.channels_last_3d)
+        if groups == 1:
+            return super()._conv_forward(x, weight, bias)
+        return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, 2)
+
+
+def _conv_cls(ndim: int, fast: bool) -> type[nn.Module]:
+    return nn.Conv2d if ndim == 2 else (FastConv3d if fast else nn.Conv3d)
+
+
 class _Block(nn.Sequential):
     """conv(stride) -> GN -> LeakyReLU -> conv -> GN -> LeakyReLU [-> dropout]."""
 
-    def __init__(self, ndim, c_in, c_out, groups, dropout, stride=1):
-        Conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+    def __init__(self, ndim, c_in, c_out, groups, dropout, stride=1, fast=False):
+        Conv = _conv_cls(ndim, fast)
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(((c_in, c_out), (c_out, c_out))):
             layers.append(Conv(a, b, 3, stride=stride if i == 0 else 1, padding=1))
@@ -190,7 +254,8 @@ class UNet(nn.Module):
     ----------
     ndim : 2 (inputs ``(batch, ch, y, x)``) or 3 (``(batch, ch, z, y, x)``)
     in_ch, out_ch : input / output channels
-    scales, channels, skip_channels, groupnorm, dropout, sigmoid, residual : see :class:`NetworkConfig`
+    scales, channels, skip_channels, groupnorm, dropout, sigmoid, residual, fast_conv,
+    channels_last : see :class:`NetworkConfig`
     generator : draws the initial weights (Kaiming-uniform, PyTorch's default scheme); None uses
         torch's default generator
 
@@ -208,36 +273,44 @@ class UNet(nn.Module):
         in_ch: int = 1,
         out_ch: int = 1,
         scales: int = 4,
-        channels: int | Sequence[int] = 32,
+        channels: int | Sequence[int] = 0,
         skip_channels: int | Sequence[int] = 4,
         groupnorm: int | bool = 4,
         dropout: float = 0.0,
         sigmoid: bool = False,
         generator: torch.Generator | None = None,
         residual: bool = False,
+        fast_conv: bool = True,
+        channels_last: bool = False,
     ):
         super().__init__()
         if ndim not in (2, 3):
             raise ConfigError(f"UNet ndim must be 2 or 3, got {ndim!r}")
-        self.config = NetworkConfig(scales, channels, skip_channels, groupnorm, dropout, sigmoid, residual)
+        self.config = NetworkConfig(scales, channels, skip_channels, groupnorm, dropout, sigmoid, residual,
+                                    fast_conv, channels_last)
         if residual and in_ch != out_ch:
             raise ConfigError(f"network.residual needs as many input as output channels, got {in_ch} and {out_ch}")
         cfg = self.config
         self.ndim, self.in_ch, self.out_ch = ndim, int(in_ch), int(out_ch)
-        ch = _per_level(cfg.channels, cfg.scales, "channels", 1)
+        ch = cfg.resolve_channels(ndim)
         sk = _per_level(cfg.skip_channels, cfg.scales - 1, "skip_channels", 0)
         self.scales, self.channels, self.skip_channels = cfg.scales, ch, sk
-        G, p = cfg.groupnorm, cfg.dropout
+        G, p, fast = cfg.groupnorm, cfg.dropout, cfg.fast_conv
 
-        self.inc = _Block(ndim, self.in_ch, ch[0], G, p)
-        self.down = nn.ModuleList(_Block(ndim, ch[i - 1], ch[i], G, p, stride=2) for i in range(1, cfg.scales))
+        self.inc = _Block(ndim, self.in_ch, ch[0], G, p, fast=fast)
+        self.down = nn.ModuleList(_Block(ndim, ch[i - 1], ch[i], G, p, stride=2, fast=fast)
+                                  for i in range(1, cfg.scales))
         self.skip = nn.ModuleList(
             _Skip(ndim, ch[i], sk[i], G) if sk[i] > 0 else nn.Identity() for i in range(cfg.scales - 1)
         )
-        self.up = nn.ModuleList(_Block(ndim, ch[i + 1] + sk[i], ch[i], G, p) for i in range(cfg.scales - 1))
+        self.up = nn.ModuleList(_Block(ndim, ch[i + 1] + sk[i], ch[i], G, p, fast=fast)
+                                for i in range(cfg.scales - 1))
         Conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         self.outc = Conv(ch[0], self.out_ch, 1)
         self._mode = "bilinear" if ndim == 2 else "trilinear"
+        for m in self.modules():
+            if isinstance(m, FastConv3d):
+                m.channels_last = cfg.channels_last
         self.reset_parameters(generator)
 
     # -- construction ------------------------------------------------------------------
@@ -246,7 +319,8 @@ class UNet(nn.Module):
                     generator: torch.Generator | None = None) -> UNet:
         """Build the network a :class:`NetworkConfig` describes."""
         return cls(ndim, in_ch, out_ch, cfg.scales, cfg.channels, cfg.skip_channels, cfg.groupnorm,
-                   cfg.dropout, cfg.sigmoid, generator=generator, residual=cfg.residual)
+                   cfg.dropout, cfg.sigmoid, generator=generator, residual=cfg.residual,
+                   fast_conv=cfg.fast_conv, channels_last=cfg.channels_last)
 
     def spec(self) -> dict:
         """Everything needed to rebuild this network (``UNet.from_spec(net.spec())``)."""
