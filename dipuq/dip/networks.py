@@ -204,14 +204,22 @@ class FastConv3d(nn.Conv3d):
     channels_last = False
 
     def _conv_forward(self, x, weight, bias):
-        cpu32 = x.device.type == "cpu" and x.dtype == torch.float32
+        CL = torch.channels_last_3d
+        cl = self.channels_last and x.device.type == "cpu" and x.dtype == torch.float32
+        if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.groups == 1:
+            if not cl:
+                return super()._conv_forward(x, weight, bias)
+            # a 1×1×1 conv is a matmul over channels: on the channels-last layout that is
+            # F.linear on a (1, D, H, W, C) view, which keeps the layout (the native 1×1 path
+            # would copy to and from the contiguous one)
+            y = F.linear(x.contiguous(memory_format=CL).permute(0, 2, 3, 4, 1), weight.flatten(1), bias)
+            return y.permute(0, 4, 1, 2, 3)
         groups = 1
         if (self.groups == 1 and self.out_channels % 2 == 0 and self.padding_mode == "zeros"
                 and _dense_is_slow(x)):
             x, groups = torch.cat([x, x], dim=1), 2
-        if self.channels_last and cpu32 and self.kernel_size != (1, 1, 1):
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-            weight = weight.contiguous(memory_format=torch.channels_last_3d)
+        if cl:
+            x, weight = x.contiguous(memory_format=CL), weight.contiguous(memory_format=CL)
         if groups == 1:
             return super()._conv_forward(x, weight, bias)
         return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, 2)
@@ -238,8 +246,8 @@ class _Block(nn.Sequential):
 
 
 class _Skip(nn.Sequential):
-    def __init__(self, ndim, c_in, c_out, groups):
-        Conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+    def __init__(self, ndim, c_in, c_out, groups, fast=False):
+        Conv = _conv_cls(ndim, fast)
         layers: list[nn.Module] = [Conv(c_in, c_out, 1)]
         if groups:
             layers.append(nn.GroupNorm(_groups(c_out, groups), c_out))
@@ -301,12 +309,11 @@ class UNet(nn.Module):
         self.down = nn.ModuleList(_Block(ndim, ch[i - 1], ch[i], G, p, stride=2, fast=fast)
                                   for i in range(1, cfg.scales))
         self.skip = nn.ModuleList(
-            _Skip(ndim, ch[i], sk[i], G) if sk[i] > 0 else nn.Identity() for i in range(cfg.scales - 1)
+            _Skip(ndim, ch[i], sk[i], G, fast) if sk[i] > 0 else nn.Identity() for i in range(cfg.scales - 1)
         )
         self.up = nn.ModuleList(_Block(ndim, ch[i + 1] + sk[i], ch[i], G, p, fast=fast)
                                 for i in range(cfg.scales - 1))
-        Conv = nn.Conv2d if ndim == 2 else nn.Conv3d
-        self.outc = Conv(ch[0], self.out_ch, 1)
+        self.outc = _conv_cls(ndim, fast)(ch[0], self.out_ch, 1)
         self._mode = "bilinear" if ndim == 2 else "trilinear"
         for m in self.modules():
             if isinstance(m, FastConv3d):
