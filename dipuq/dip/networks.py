@@ -23,13 +23,15 @@ Architecture (``scales = L`` levels, level 0 = full resolution)::
 where ``block`` is two 3×3(×3) convolutions, each followed by GroupNorm and LeakyReLU(0.2), then
 optional channel dropout.
 
-CPU speed (3D only; 2D runs exactly as before): PyTorch computes a dense ``Conv3d`` with few
-channels through its slow vol2col path, a grouped one through oneDNN. With ``fast_conv`` each
-3×3×3 convolution that would take the slow path is computed as the identical groups=2 convolution
-of ``cat([x, x])`` with the *unchanged* weight (group 1 gives output channels ``[0, c_out/2)``
-from ``W[:c_out/2]``, group 2 the rest): the same function and parameters (names, shapes,
-checkpoints, ``torch.func``), several times faster on small volumes. ``channels=0`` (the
-default) uses 16 channels at the full-resolution level of a 3D net, where most of the work is.
+CPU speed (3D only; 2D runs exactly as before): on CPU PyTorch computes a batch-1 ``Conv3d`` with
+few channels through its slow vol2col path and larger ones through oneDNN. With ``fast_conv``
+each convolution that would take the slow path is computed as one batch-2 convolution of two
+overlapping halves of the volume (which goes to oneDNN), with ``channels_last`` every 3D layer
+runs in the ``channels_last_3d`` layout, and ``channels=0`` (the default) uses 16 channels at the
+full-resolution level of a 3D net, where most of the work is. The first two compute the same
+function (to float rounding) with the same parameters: names, shapes, checkpoints and
+``torch.func`` are unchanged. Together 2.1–2.9× faster forward + backward at 32³–64³ on one
+thread (``benchmarks/dip.py``; :class:`FastConv3d`).
 
 Example::
 
@@ -51,7 +53,7 @@ from torch import nn
 
 from dipuq.errors import ConfigError
 
-__all__ = ["NetworkConfig", "UNet", "ChannelDropout", "config_from_dict", "conv_weight_names", "count_parameters"]
+__all__ = ["ChannelDropout", "NetworkConfig", "UNet", "config_from_dict", "conv_weight_names", "count_parameters"]
 
 _NEG_SLOPE = 0.2
 
@@ -76,12 +78,12 @@ class NetworkConfig:
     residual : add the input to the output, f(θ; z) = z + U(θ; z): with the FBP/FDK as input
         the fit starts from the analytic reconstruction and learns a correction (needs
         ``in_ch == out_ch``; not with ``sigmoid``)
-    fast_conv : on CPU (float32), compute the 3×3×3 convolutions of a 3D net that PyTorch would
-        run through its slow dense path as the identical groups=2 convolution, which goes to
-        oneDNN (module docstring); same parameters and outputs to float rounding. No effect in 2D
-        or on GPUs
-    channels_last : run a 3D net on CPU in the ``channels_last_3d`` memory format (off by
-        default: see ``benchmarks/RESULTS.md``); no effect in 2D
+    fast_conv : on CPU (float32), compute each 3D convolution that PyTorch would run through its
+        slow dense path as an equal batch-2 (or groups=2) convolution that goes to oneDNN (module
+        docstring, :class:`FastConv3d`); same parameters, same outputs to float rounding. No
+        effect in 2D or on GPUs
+    channels_last : run the convolutions of a 3D net on CPU (float32) in the ``channels_last_3d``
+        memory format; no effect in 2D or on GPUs
     """
 
     scales: int = 4
@@ -92,7 +94,7 @@ class NetworkConfig:
     sigmoid: bool = False
     residual: bool = False
     fast_conv: bool = True
-    channels_last: bool = False
+    channels_last: bool = True
 
     def __post_init__(self):
         if isinstance(self.channels, Sequence):
@@ -195,19 +197,27 @@ def _dense_is_slow(x: torch.Tensor) -> bool:
 
 
 class FastConv3d(nn.Conv3d):
-    """``nn.Conv3d`` (same parameters, same function) that computes a dense convolution PyTorch
-    would run through its slow CPU path as the identical groups=2 convolution of ``cat([x, x])``
-    with the unchanged weight (oneDNN; module docstring). Needs an even ``out_channels``, zero
-    padding and ``groups = 1``; otherwise, on GPUs, in float64 and for large inputs it is the
-    plain convolution."""
+    """``nn.Conv3d`` with the same parameters and the same function, faster on CPU (float32).
 
+    ``fast``: a batch-1 convolution that PyTorch would run through its slow native path
+    (:func:`_dense_is_slow`) is computed as one batch-2 convolution of two overlapping slabs of the
+    input (:func:`_split_conv3d`), or, when the output has a single row along the first spatial
+    axis, as the identical groups=2 convolution of ``cat([x, x])`` with the unchanged weight
+    (needs an even ``out_channels``); both go to oneDNN. ``channels_last``: inputs and weights
+    in the ``channels_last_3d`` layout, 1×1×1 convolutions as a matmul on it. With both off, on a
+    GPU or in float64 it is exactly ``nn.Conv3d``.
+    """
+
+    fast = False
     channels_last = False
 
     def _conv_forward(self, x, weight, bias):
-        CL = torch.channels_last_3d
-        cl = self.channels_last and x.device.type == "cpu" and x.dtype == torch.float32
-        if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.groups == 1:
-            if not cl:
+        cpu32 = x.device.type == "cpu" and x.dtype == torch.float32
+        if not cpu32 or not isinstance(self.padding, tuple) or self.padding_mode != "zeros" or self.groups != 1:
+            return super()._conv_forward(x, weight, bias)
+        CL = torch.channels_last_3d if self.channels_last else None
+        if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.padding == (0, 0, 0):
+            if CL is None:
                 return super()._conv_forward(x, weight, bias)
             # a 1×1×1 conv is a matmul over channels: on the channels-last layout that is
             # F.linear on a (1, D, H, W, C) view, which keeps the layout (the native 1×1 path
@@ -215,25 +225,47 @@ class FastConv3d(nn.Conv3d):
             y = F.linear(x.contiguous(memory_format=CL).permute(0, 2, 3, 4, 1), weight.flatten(1), bias)
             return y.permute(0, 4, 1, 2, 3)
         groups = 1
-        if (self.groups == 1 and self.out_channels % 2 == 0 and self.padding_mode == "zeros"
-                and _dense_is_slow(x)):
-            x, groups = torch.cat([x, x], dim=1), 2
-        if cl:
+        if self.fast and _dense_is_slow(x):
+            if _out_len(x.shape[2], self) >= 2:
+                return _split_conv3d(x, weight, bias, self, CL)
+            if self.out_channels % 2 == 0:
+                x, groups = torch.cat([x, x], dim=1), 2
+        if CL is not None:
             x, weight = x.contiguous(memory_format=CL), weight.contiguous(memory_format=CL)
-        if groups == 1:
-            return super()._conv_forward(x, weight, bias)
-        return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, 2)
+        return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
 
-def _conv_cls(ndim: int, fast: bool) -> type[nn.Module]:
-    return nn.Conv2d if ndim == 2 else (FastConv3d if fast else nn.Conv3d)
+def _out_len(n: int, conv) -> int:
+    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _split_conv3d(x, weight, bias, conv, fmt):
+    """The batch-1 conv ``conv(x)`` as one batch-2 conv (oneDNN) of two overlapping slabs of
+    ``x`` along its first spatial axis, each giving (at least) half of the output rows."""
+    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+    span = d * (k - 1) + 1
+    xp = F.pad(x, (0, 0, 0, 0, p, p))
+    n_out = (xp.shape[2] - span) // s + 1
+    half = (n_out + 1) // 2
+    a = xp[:, :, : s * (half - 1) + span]
+    b = xp[:, :, s * (n_out - half): s * (n_out - 1) + span]
+    xb = torch.cat([a, b], dim=0)
+    if fmt is not None:
+        xb, weight = xb.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
+    y = F.conv3d(xb, weight, bias, conv.stride, (0, *conv.padding[1:]), conv.dilation)
+    return torch.cat([y[:1], y[1:, :, 2 * half - n_out:]], dim=2)
+
+
+def _conv_cls(ndim: int) -> type[nn.Module]:
+    return nn.Conv2d if ndim == 2 else FastConv3d
 
 
 class _Block(nn.Sequential):
     """conv(stride) -> GN -> LeakyReLU -> conv -> GN -> LeakyReLU [-> dropout]."""
 
-    def __init__(self, ndim, c_in, c_out, groups, dropout, stride=1, fast=False):
-        Conv = _conv_cls(ndim, fast)
+    def __init__(self, ndim, c_in, c_out, groups, dropout, stride=1):
+        Conv = _conv_cls(ndim)
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(((c_in, c_out), (c_out, c_out))):
             layers.append(Conv(a, b, 3, stride=stride if i == 0 else 1, padding=1))
@@ -246,8 +278,8 @@ class _Block(nn.Sequential):
 
 
 class _Skip(nn.Sequential):
-    def __init__(self, ndim, c_in, c_out, groups, fast=False):
-        Conv = _conv_cls(ndim, fast)
+    def __init__(self, ndim, c_in, c_out, groups):
+        Conv = _conv_cls(ndim)
         layers: list[nn.Module] = [Conv(c_in, c_out, 1)]
         if groups:
             layers.append(nn.GroupNorm(_groups(c_out, groups), c_out))
@@ -289,7 +321,7 @@ class UNet(nn.Module):
         generator: torch.Generator | None = None,
         residual: bool = False,
         fast_conv: bool = True,
-        channels_last: bool = False,
+        channels_last: bool = True,
     ):
         super().__init__()
         if ndim not in (2, 3):
@@ -303,21 +335,19 @@ class UNet(nn.Module):
         ch = cfg.resolve_channels(ndim)
         sk = _per_level(cfg.skip_channels, cfg.scales - 1, "skip_channels", 0)
         self.scales, self.channels, self.skip_channels = cfg.scales, ch, sk
-        G, p, fast = cfg.groupnorm, cfg.dropout, cfg.fast_conv
+        G, p = cfg.groupnorm, cfg.dropout
 
-        self.inc = _Block(ndim, self.in_ch, ch[0], G, p, fast=fast)
-        self.down = nn.ModuleList(_Block(ndim, ch[i - 1], ch[i], G, p, stride=2, fast=fast)
-                                  for i in range(1, cfg.scales))
+        self.inc = _Block(ndim, self.in_ch, ch[0], G, p)
+        self.down = nn.ModuleList(_Block(ndim, ch[i - 1], ch[i], G, p, stride=2) for i in range(1, cfg.scales))
         self.skip = nn.ModuleList(
-            _Skip(ndim, ch[i], sk[i], G, fast) if sk[i] > 0 else nn.Identity() for i in range(cfg.scales - 1)
+            _Skip(ndim, ch[i], sk[i], G) if sk[i] > 0 else nn.Identity() for i in range(cfg.scales - 1)
         )
-        self.up = nn.ModuleList(_Block(ndim, ch[i + 1] + sk[i], ch[i], G, p, fast=fast)
-                                for i in range(cfg.scales - 1))
-        self.outc = _conv_cls(ndim, fast)(ch[0], self.out_ch, 1)
+        self.up = nn.ModuleList(_Block(ndim, ch[i + 1] + sk[i], ch[i], G, p) for i in range(cfg.scales - 1))
+        self.outc = _conv_cls(ndim)(ch[0], self.out_ch, 1)
         self._mode = "bilinear" if ndim == 2 else "trilinear"
         for m in self.modules():
             if isinstance(m, FastConv3d):
-                m.channels_last = cfg.channels_last
+                m.fast, m.channels_last = cfg.fast_conv, cfg.channels_last
         self.reset_parameters(generator)
 
     # -- construction ------------------------------------------------------------------
@@ -330,8 +360,10 @@ class UNet(nn.Module):
                    fast_conv=cfg.fast_conv, channels_last=cfg.channels_last)
 
     def spec(self) -> dict:
-        """Everything needed to rebuild this network (``UNet.from_spec(net.spec())``)."""
-        return {"ndim": self.ndim, "in_ch": self.in_ch, "out_ch": self.out_ch, **self.config.to_dict()}
+        """Everything needed to rebuild this network (``UNet.from_spec(net.spec())``); ``channels``
+        as resolved for this ``ndim`` (so ``channels = 0`` is stored as the per-level list)."""
+        return {"ndim": self.ndim, "in_ch": self.in_ch, "out_ch": self.out_ch, **self.config.to_dict(),
+                "channels": list(self.channels)}
 
     @classmethod
     def from_spec(cls, spec: dict, generator: torch.Generator | None = None) -> UNet:
