@@ -58,6 +58,11 @@ __all__ = ["ChannelDropout", "NetworkConfig", "UNet", "config_from_dict", "conv_
 _NEG_SLOPE = 0.2
 
 
+def _opt(default, help: str):
+    """A field with a help text (written beside the key in a run's ``config.toml``)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class NetworkConfig:
     """Configuration of a :class:`UNet` (everything except ``ndim`` and channel counts in/out).
@@ -86,15 +91,16 @@ class NetworkConfig:
         memory format; no effect in 2D or on GPUs
     """
 
-    scales: int = 4
-    channels: int | tuple[int, ...] = 0
-    skip_channels: int | tuple[int, ...] = 4
-    groupnorm: int = 4
-    dropout: float = 0.0
-    sigmoid: bool = False
-    residual: bool = False
-    fast_conv: bool = True
-    channels_last: bool = True
+    scales: int = _opt(4, "resolution levels of the U-Net (1 = no down-sampling)")
+    channels: int | tuple[int, ...] = _opt(
+        0, "feature channels per level: an int, one per level, or 0 = auto (2D 32; 3D 16 at full resolution, 32 below)")
+    skip_channels: int | tuple[int, ...] = _opt(4, "skip-connection channels per level 0..scales-2 (0 = no skip)")
+    groupnorm: int = _opt(4, "GroupNorm groups (0 = no normalisation)")
+    dropout: float = _opt(0.0, "channel-dropout probability after each block (> 0 for MC dropout)")
+    sigmoid: bool = _opt(False, "squash the output through a sigmoid")
+    residual: bool = _opt(False, "output z + U(θ; z): learn a correction to the FBP/FDK input")
+    fast_conv: bool = _opt(True, "3D on CPU: run small convolutions through oneDNN (same function, faster)")
+    channels_last: bool = _opt(True, "3D on CPU: channels_last_3d memory layout (same function, faster)")
 
     def __post_init__(self):
         if isinstance(self.channels, Sequence):
@@ -215,24 +221,40 @@ class FastConv3d(nn.Conv3d):
         cpu32 = x.device.type == "cpu" and x.dtype == torch.float32
         if not cpu32 or not isinstance(self.padding, tuple) or self.padding_mode != "zeros" or self.groups != 1:
             return super()._conv_forward(x, weight, bias)
-        CL = torch.channels_last_3d if self.channels_last else None
+        cl = self.channels_last and not (_in_transform(x) or _in_transform(weight))
         if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.padding == (0, 0, 0):
-            if CL is None:
+            if not cl:
                 return super()._conv_forward(x, weight, bias)
             # a 1×1×1 conv is a matmul over channels: on the channels-last layout that is
             # F.linear on a (1, D, H, W, C) view, which keeps the layout (the native 1×1 path
             # would copy to and from the contiguous one)
-            y = F.linear(x.contiguous(memory_format=CL).permute(0, 2, 3, 4, 1), weight.flatten(1), bias)
+            y = F.linear(_channels_last(x).permute(0, 2, 3, 4, 1), weight.flatten(1), bias)
             return y.permute(0, 4, 1, 2, 3)
         groups = 1
         if self.fast and _dense_is_slow(x):
             if _out_len(x.shape[2], self) >= 2:
-                return _split_conv3d(x, weight, bias, self, CL)
+                return _split_conv3d(x, weight, bias, self, cl)
             if self.out_channels % 2 == 0:
                 x, groups = torch.cat([x, x], dim=1), 2
-        if CL is not None:
-            x, weight = x.contiguous(memory_format=CL), weight.contiguous(memory_format=CL)
+        if cl:
+            x, weight = _channels_last(x), _channels_last(weight)
         return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+
+_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def _in_transform(t: torch.Tensor) -> bool:
+    """Whether ``t`` is inside a ``torch.func`` transform (a vmap / jvp / grad wrapper) or a
+    forward-AD dual level (``torch.func.linearize`` traces one); True if this torch cannot tell.
+    The channels-last layout stays off there: vmap's and forward AD's GroupNorm rules refuse it."""
+    return _WRAPPED is None or bool(_WRAPPED(t)) or getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous(memory_format=torch.channels_last_3d)`` for a 5-D ``t``, spelt with permutes,
+    which ``torch.func.vmap`` supports (it refuses ``memory_format`` conversions)."""
+    return t.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
 
 
 def _out_len(n: int, conv) -> int:
@@ -240,7 +262,7 @@ def _out_len(n: int, conv) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _split_conv3d(x, weight, bias, conv, fmt):
+def _split_conv3d(x, weight, bias, conv, channels_last: bool):
     """The batch-1 conv ``conv(x)`` as one batch-2 conv (oneDNN) of two overlapping slabs of
     ``x`` along its first spatial axis, each giving (at least) half of the output rows."""
     k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
@@ -251,8 +273,8 @@ def _split_conv3d(x, weight, bias, conv, fmt):
     a = xp[:, :, : s * (half - 1) + span]
     b = xp[:, :, s * (n_out - half): s * (n_out - 1) + span]
     xb = torch.cat([a, b], dim=0)
-    if fmt is not None:
-        xb, weight = xb.contiguous(memory_format=fmt), weight.contiguous(memory_format=fmt)
+    if channels_last:
+        xb, weight = _channels_last(xb), _channels_last(weight)
     y = F.conv3d(xb, weight, bias, conv.stride, (0, *conv.padding[1:]), conv.dilation)
     return torch.cat([y[:1], y[1:, :, 2 * half - n_out:]], dim=2)
 
