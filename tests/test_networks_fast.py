@@ -10,6 +10,7 @@ from dipuq.dip.networks import FastConv3d, NetworkConfig, UNet, conv_weight_name
 from dipuq.errors import ConfigError
 from dipuq.posterior.linearise import LinearisedModel
 
+
 def _close(a, b, msg=None):
     """Equal to float32 rounding: sums over many voxels (weight gradients) scale the tolerance."""
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.detach().abs().max())), msg=msg)
@@ -61,7 +62,7 @@ def test_fast_conv_off_float64_is_plain_conv3d_bit_for_bit():
 
 
 def _pair(**kw):
-    opts = dict(scales=3, channels=(4, 8, 8), skip_channels=(2, 0))
+    opts = {"scales": 3, "channels": (4, 8, 8), "skip_channels": (2, 0)}
     opts.update(kw)
     plain = UNet(3, fast_conv=False, channels_last=False, generator=_gen(0), **opts)
     fast = UNet(3, fast_conv=True, channels_last=True, generator=_gen(0), **opts)
@@ -172,3 +173,17 @@ def test_spec_round_trip_new_keys_and_old_specs():
     assert UNet.from_spec(old).config.fast_conv is True
     cfg = NetworkConfig.from_dict({"fast_conv": False, "channels_last": False, "channels": 0})
     assert (cfg.fast_conv, cfg.channels_last) == (False, False)
+
+
+@pytest.mark.skipif(not hasattr(torch._C, "_select_conv_backend"), reason="torch without _select_conv_backend")
+@pytest.mark.parametrize("c,spatial,stride", [(1, (32, 32, 32), 1), (16, (32, 32, 32), 1), (20, (32, 32, 32), 1),
+                                              (32, (32, 32, 32), 1), (16, (64, 64, 64), 2), (32, (16, 16, 16), 1),
+                                              (36, (8, 8, 8), 1)])
+def test_slow_path_rule_matches_torch_backend_choice(c, spatial, stride):
+    # _dense_is_slow mirrors PyTorch's choice; if a new torch changes it, the fast path is still
+    # exact but may stop paying (re-measure with benchmarks/dip.py)
+    from dipuq.dip.networks import _dense_is_slow
+
+    x, w = torch.zeros(1, c, *spatial), torch.zeros(8, c, 3, 3, 3)
+    backend = torch._C._select_conv_backend(x, w, None, [stride] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, None)
+    assert _dense_is_slow(x) == (backend == torch._C._ConvBackend.Slow3d)
