@@ -242,7 +242,7 @@ def main(argv=None) -> int:
                     help="torch CPU threads (default 1: on a shared 2-core box, 2 threads oversubscribe)")
     ap.add_argument("--iters", type=int, default=None, help="iterations per timed round")
     ap.add_argument("--unet-only", action="store_true", help="only the old-vs-new 3D U-Net comparison")
-    ap.add_argument("--fit-iters", type=int, default=150, help="Adam steps of each 32³ DIP fit (U-Net part)")
+    ap.add_argument("--fit-iters", type=int, default=200, help="Adam steps of each 32³ DIP fit (U-Net part)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

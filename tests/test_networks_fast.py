@@ -187,3 +187,15 @@ def test_slow_path_rule_matches_torch_backend_choice(c, spatial, stride):
     x, w = torch.zeros(1, c, *spatial), torch.zeros(8, c, 3, 3, 3)
     backend = torch._C._select_conv_backend(x, w, None, [stride] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, None)
     assert _dense_is_slow(x) == (backend == torch._C._ConvBackend.Slow3d)
+
+
+def test_run_config_accepts_new_network_keys():
+    from dipuq.run.config import dumps_config, load_config
+
+    cfg = load_config(None, ["dip.network.fast_conv=false", "dip.network.channels_last=false",
+                             "dip.network.channels=0"])
+    net = cfg.dip.network
+    assert (net.fast_conv, net.channels_last, net.channels) == (False, False, 0)
+    text = dumps_config(cfg)
+    assert "fast_conv = false  # " in text and "channels = 0  # " in text
+    assert load_config(None).dip.network.fast_conv is True
