@@ -30,8 +30,8 @@ overlapping halves of the volume (which goes to oneDNN), with ``channels_last`` 
 runs in the ``channels_last_3d`` layout, and ``channels=0`` (the default) uses 16 channels at the
 full-resolution level of a 3D net, where most of the work is. The first two compute the same
 function (to float rounding) with the same parameters: names, shapes, checkpoints and
-``torch.func`` are unchanged. Together 2.1–2.9× faster forward + backward at 32³–64³ on one
-thread (``benchmarks/dip.py``; :class:`FastConv3d`).
+``torch.func`` are unchanged. Together 2.3× (32³) and 2.7× (64³) faster forward + backward on
+one thread (``benchmarks/dip.py``; :class:`FastConv3d`).
 
 Example::
 
