@@ -8,7 +8,7 @@ sampler setting on that posterior, each paying for its own preconditioner:
   (dense Cholesky); "MC floor" = the exact sampler on the same chains (pure Monte Carlo error).
 - ``3d``: 32³ Shepp–Logan, cone beam, 20 views, 2 % noise (the demo's geometry at 32³); no dense
   reference fits in memory, so the reference is the same chains solved to a relative residual of
-  1e-6 (cg, warm-started from a 1e-3 solve): the error column is then the solver's error alone,
+  1e-4 (cg, warm-started from a 1e-3 solve): the error column is then the solver's error alone,
   and the total error is estimated as √(MC² + solver²) with the Gaussian MC error of a K-sample std
   (0.6745/√(2K): 0.084 at K = 32; the 2D case measures 0.086).
 
@@ -42,6 +42,7 @@ from dipuq.run.stages import STAGE_NAMES, loaders
 from dipuq.samplers import SamplerConfig, make_sampler
 from dipuq.samplers.nystrom import krylov_iterations
 
+REF_TOL = 1e-4  # 3D reference residual: std maps at 1e-3 are within ~2 % of 1e-6 ones (2D, measured)
 MC_GAUSS = 0.6745 / math.sqrt(2.0)  # median |relative error| of a K-sample std is MC_GAUSS / √K
 
 
@@ -74,7 +75,7 @@ def fit_case(name: str, folder: str):
     res = run_pipeline(scan, cfg, folder, seed=0, device="cpu", progress=False)
     ctx = RunContext(RunDir(folder, STAGE_NAMES), cfg, 0, torch.device("cpu"), False, loaders=loaders())
     dip = ctx["dip"]
-    return ctx["posterior"], res.timings["dip"], dip.iterations, dip.best_iteration, res.timings["linearise"]
+    return ctx["posterior"], res.timings["dip"], dip, res.timings["linearise"]
 
 
 def run_setting(post, name: str, cfg: SamplerConfig, K: int, seed: int = 1, init=None):
@@ -102,20 +103,21 @@ def settings_for(case: str, quick: bool, K: int):
         rows.append(("exact", SamplerConfig(chains_per_batch=b), "dense Cholesky"))
     rows += [
         ("sgd", SamplerConfig(n_steps=150, chains_per_batch=b, precond_max_rank=256, grad_tol=0), "150 steps, rank 256"),
-        ("sgd", SamplerConfig(chains_per_batch=b), "defaults (tol 0.01, adaptive)"),
         ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=False), "tol 1e-3, one space per chain"),
-        ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=True), "tol 1e-3, block"),
-        ("cg", SamplerConfig(cg_tol=3e-3, chains_per_batch=b, cg_block=True), "tol 3e-3, block"),
-        ("cg", SamplerConfig(cg_tol=1e-2, chains_per_batch=b, cg_block=True), "tol 1e-2, block"),
+        ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b), "tol 1e-3, block"),
+        ("cg", SamplerConfig(cg_tol=3e-3, chains_per_batch=b), "tol 3e-3, block"),
     ]
+    if case == "2d":  # in 3D each of these costs minutes (sgd's default stop runs to its 1000-step cap)
+        rows += [
+            ("sgd", SamplerConfig(n_steps=300, chains_per_batch=b, precond_max_rank=1024, grad_tol=0),
+             "300 steps, rank 1024"),
+            ("cg", SamplerConfig(cg_tol=1e-2, chains_per_batch=b), "tol 1e-2, block"),
+        ]
     if not quick:
         rows += [
-            ("sgd", SamplerConfig(n_steps=300, chains_per_batch=b, grad_tol=0), "300 steps, adaptive"),
-            ("sgd", SamplerConfig(chains_per_batch=b, grad_tol=0.03), "tol 0.03, adaptive"),
-            ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=True, precond_power_iters=1),
-             "tol 1e-3, block, 1 power it."),
-            ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=True, precond_max_rank=512),
-             "tol 1e-3, block, rank <= 512"),
+            ("sgd", SamplerConfig(chains_per_batch=b), "defaults (tol 0.01, adaptive)"),
+            ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, precond_power_iters=1), "tol 1e-3, block, 1 power it."),
+            ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, precond_max_rank=512), "tol 1e-3, block, rank <= 512"),
         ]
     return rows
 
@@ -123,12 +125,13 @@ def settings_for(case: str, quick: bool, K: int):
 def bench_case(case: str, args) -> list[tuple]:
     K = args.samples
     if args.workdir:  # kept (and resumed: the DIP times are then those recorded by the first run)
-        post, t_dip, its, best, t_lin = fit_case(case, f"{args.workdir}/{case}")
+        post, t_dip, dip, t_lin = fit_case(case, f"{args.workdir}/{case}")
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            post, t_dip, its, best, t_lin = fit_case(case, tmp)
+            post, t_dip, dip, t_lin = fit_case(case, tmp)
     print(f"\n=== case {case}: m = {post.m} (fitted rays), p = {post.p} conv weights, d = {post.d} voxels")
-    print(f"DIP fit (default validation stop): {its} iterations (kept {best}) in {t_dip:.1f} s; "
+    print(f"DIP fit (default validation stop, dip.iterations cap 2000): "
+          f"{dip.iterations} iterations, kept {dip.best_iteration}, stop reason {dip.stop_reason!r}, {t_dip:.1f} s; "
           f"linearise (g-prior probes) {t_lin:.1f} s; g = {post.g:.4g}, sigma2 = {post.sigma2:.4g}")
     mc_gauss = MC_GAUSS / math.sqrt(K)
     if case == "2d":
@@ -141,11 +144,11 @@ def bench_case(case: str, args) -> list[tuple]:
     else:
         t0 = time.perf_counter()
         start, _, _, _, _ = run_setting(post, "cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=min(K, 16)), K)
-        ref, _, _, _, _ = run_setting(post, "cg", SamplerConfig(cg_tol=1e-6, cg_max_iter=3000,
+        ref, _, _, _, _ = run_setting(post, "cg", SamplerConfig(cg_tol=REF_TOL, cg_max_iter=3000,
                                                                 chains_per_batch=min(K, 16)), K, init=start.warm)
         ref_std = ref.moments.std()
         floor = 0.0
-        print(f"reference: the same {K} chains solved to 1e-6 ({time.perf_counter() - t0:.1f} s); "
+        print(f"reference: the same {K} chains solved to {REF_TOL:g} ({time.perf_counter() - t0:.1f} s); "
               f"Gaussian MC error of a {K}-sample std: {mc_gauss:.3f}")
     t0 = time.perf_counter()
     kappa = make_sampler("cg", SamplerConfig(chains_per_batch=1)).condition_number(post)
