@@ -268,7 +268,7 @@ def _split_conv3d(x, weight, bias, conv, channels_last: bool):
     k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
     span = d * (k - 1) + 1
     xp = F.pad(x, (0, 0, 0, 0, p, p))
-    n_out = (xp.shape[2] - span) // s + 1
+    n_out = _out_len(x.shape[2], conv)
     half = (n_out + 1) // 2
     a = xp[:, :, : s * (half - 1) + span]
     b = xp[:, :, s * (n_out - half): s * (n_out - 1) + span]

@@ -134,9 +134,10 @@ class BayesDip(Method):
         run = job.folder / self.name
         shared = []
         sources = [n for n in job.spec.methods.run if n != self.name and METHODS[n].bayes]
-        src = max(sources, key=lambda n: len(_shareable(job.folder / n, run, cfg)), default=None)
-        if src is not None:
-            shared = _share_fit(job, job.folder / src, run, cfg)
+        candidates = {n: _shareable(job.folder / n, run, cfg) for n in sources}
+        src = max(candidates, key=lambda n: len(candidates[n]), default=None)
+        if src is not None and candidates[src]:
+            shared = _share_fit(job, job.folder / src, run, cfg, candidates[src])
             if shared:
                 job.log(f"    sharing stages {', '.join(shared)} of {src}")
         bars = job.progress and sys.stderr.isatty()  # progress bars only on a terminal, stage lines always
@@ -187,18 +188,16 @@ class BayesCalibrated(BayesDip):
     calibrated = True
 
 
-def _share_fit(job: Job, src: Path, dst: Path, cfg: Config) -> list[str]:
-    """Seed run ``dst`` (config ``cfg``) with copies of run ``src``'s stages that ``cfg`` leaves valid.
-
-    Those are the stages before the first one reading a config section in which the two runs differ
-    (:func:`dipuq.run.resume.first_affected`: a changed sampler keeps scan, fbp, dip and
-    linearise), re-keyed for ``cfg``. Returns the stages shared: none when ``dst`` exists, or
-    ``src`` has not finished them or its files fail their checksums.
+def _share_fit(job: Job, src: Path, dst: Path, cfg: Config, shared: list[str]) -> list[str]:
+    """Seed run ``dst`` (config ``cfg``) with copies of run ``src``'s stages ``shared``, as found by
+    :func:`_shareable`: the stages before the first one reading a config section in which the two
+    runs differ (:func:`dipuq.run.resume.first_affected`: a changed sampler keeps scan, fbp, dip
+    and linearise), re-keyed for ``cfg``. Returns the stages shared: none when ``src``'s files
+    fail their checksums.
     """
-    shared = _shareable(src, dst, cfg)
-    if not shared or any(RunDir(src, STAGE_NAMES).verify(s) is not None for s in shared):
-        return []  # its files fail their checksums: compute afresh
     srun, drun = RunDir(src, STAGE_NAMES), RunDir(dst, STAGE_NAMES)
+    if any(srun.verify(s) is not None for s in shared):
+        return []  # its files fail their checksums: compute afresh
     markers = [srun.marker(s) for s in shared]
     request = provenance.request(job.scan, cfg, job.seed)
     key = provenance.request_key(request)

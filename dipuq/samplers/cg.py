@@ -64,10 +64,7 @@ class CGSampler(Sampler):
         ny = self.nystrom(post)
         if ny is None:
             return lambda v: v
-        return self._pinv(post, *ny)
-
-    @staticmethod
-    def _pinv(post: Posterior, U: torch.Tensor, lam: torch.Tensor):
+        U, lam = ny
         lam_g = post.g * lam
         s2 = post.sigma2
         # P⁻¹ = (I − UUᵀ) + U diag((λ_r + σ²)/(λ + σ²)) Uᵀ
