@@ -53,7 +53,7 @@ def make_case(name: str):
         scan = simulate_scan(shepp_logan((64, 64)), geom, noise="gaussian", noise_level=0.01,
                              generator=torch.Generator().manual_seed(1), name="2D Shepp-Logan 64², 30 views")
         net = {"dip.network.scales": 3, "dip.network.channels": [8, 16, 16], "dip.network.skip_channels": 2,
-               "dip.lr": 1e-2, "dip.gamma": 1e-4}
+               "dip.lr": 1e-2}
     else:
         n = 32
         geom = Geometry.cone3d(np.linspace(0, 2 * np.pi, 20, endpoint=False), (n, n, n),
@@ -62,7 +62,7 @@ def make_case(name: str):
         scan = simulate_scan(shepp_logan((n, n, n)), geom, noise="gaussian", noise_level=0.02,
                              generator=torch.Generator().manual_seed(2), name="3D Shepp-Logan 32³, cone, 20 views")
         net = {"dip.network.scales": 3, "dip.network.channels": 8, "dip.network.skip_channels": 2,
-               "dip.lr": 3e-3, "dip.gamma": 1e-4}
+               "dip.lr": 3e-3}
     over = {**net, "posterior.em_rounds": 0, "sampler.method": "cg", "sampler.n_samples": 1,
             "calibration.enabled": False, "output.figures": False, "output.report": False, "output.tiff": False}
     return scan, over

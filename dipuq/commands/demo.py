@@ -30,7 +30,7 @@ examples:
 #: (volume edge, views, noise level as a fraction of the mean projection, config overrides)
 SETTINGS = {
     "default": (24, 20, 0.02, {
-        "dip.iterations": 4000, "dip.lr": 2e-3, "dip.gamma": 1e-4, "dip.network.scales": 3,
+        "dip.iterations": 4000, "dip.lr": 2e-3, "dip.network.scales": 3,
         "dip.network.channels": 8, "dip.network.skip_channels": 4,
         "linearise.diag_probes": 32,
         # g = the data-driven mean((θ*/s)²), no EM rounds: on this scan three cg EM rounds from it
@@ -43,7 +43,7 @@ SETTINGS = {
         "sampler.cg_tol": 1e-3, "sampler.cg_max_iter": 800,
     }),
     "quick": (16, 12, 0.02, {
-        "dip.iterations": 2000, "dip.lr": 3e-3, "dip.gamma": 1e-4, "dip.network.scales": 2,
+        "dip.iterations": 2000, "dip.lr": 3e-3, "dip.network.scales": 2,
         "dip.network.channels": 8, "dip.network.skip_channels": 2,
         "linearise.diag_probes": 8,
         "posterior.em_rounds": 0,  # as the default preset: g from the fitted weights

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from dipuq.dip.driver import DipResult, run_dip
-from dipuq.dip.fit import DipConfig, check_projections, tv_anisotropic
+from dipuq.dip.fit import DipConfig, check_projections
 from dipuq.dip.networks import NetworkConfig, UNet
+from dipuq.dip.tv import gradient, gradient_adjoint, select_tv_weight, split_heldout, tv_anisotropic, tv_pdhg
 from dipuq.errors import ConfigError
 from dipuq.operators import recon
 
@@ -140,119 +141,44 @@ def _positive_int(v, what):
         raise ConfigError(f"{what} must be a positive integer, got {v!r}")
 
 
-# ----------------------------------------------------------------------------------------
-# TV least squares (PDHG)
-# ----------------------------------------------------------------------------------------
-def gradient(x: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Forward differences ∇x over the last ``ndim`` axes, zero at the far edge (Neumann).
-
-    Shape: ``(*lead, *vol)`` -> ``(ndim, *lead, *vol)``; ``Σ|∇x| / x.numel()`` is
-    :func:`dipuq.dip.fit.tv_anisotropic`.
-    """
-    out = x.new_zeros((ndim, *x.shape))
-    for a in range(ndim):
-        ax = x.ndim - ndim + a
-        n = x.shape[ax]
-        out[a].narrow(ax, 0, n - 1).copy_(torch.diff(x, dim=ax))
-    return out
-
-
-def gradient_adjoint(q: torch.Tensor, ndim: int) -> torch.Tensor:
-    """The adjoint ∇ᵀq (= −div q) of :func:`gradient`: ``(ndim, *lead, *vol)`` -> ``(*lead, *vol)``."""
-    x = q.new_zeros(q.shape[1:])
-    for a in range(ndim):
-        qa = q[a]
-        ax = qa.ndim - ndim + a
-        n = qa.shape[ax]
-        inner = qa.narrow(ax, 0, n - 1)
-        x.narrow(ax, 0, n - 1).sub_(inner)
-        x.narrow(ax, 1, n - 1).add_(inner)
-    return x
-
-
-def _op_norm(A, n_iter: int, generator: torch.Generator | None) -> float:
-    """||A||₂ by power iteration on AᵀA (start vector from ``generator``)."""
-    v = torch.randn(A.domain_shape, generator=generator, dtype=A.dtype, device="cpu").to(A.device)
-    v /= v.norm()
-    s = 0.0
-    with torch.no_grad():
-        for _ in range(n_iter):
-            w = A.T(A(v))
-            s = float(w.norm())
-            v = w / s
-    return math.sqrt(s)
-
-
-@dataclass
-class TVState:
-    """One PDHG iteration of :func:`tv_pdhg`: ``x`` (current image, not copied), ``objective``."""
-
-    iteration: int
-    x: torch.Tensor
-    objective: float
-
-
-def tv_pdhg(A, y: torch.Tensor, lam: float, n_iter: int, *, nonneg: bool = True,
-            generator: torch.Generator | None = None, x0: torch.Tensor | None = None,
-            objective_every: int = 0) -> Iterator[TVState]:
-    """Minimise (1/m)||Ax − y||² + λ TV(x) [+ ι(x ≥ 0)] by PDHG; yields :class:`TVState`.
-
-    TV is the normalised anisotropic TV of :func:`dipuq.dip.fit.tv_anisotropic` (same λ scale as the
-    DIP's γ). Multiplying by m/(2L²), L = ||A||, gives the equivalent problem
-    ½||Ãx − ỹ||² + μ ||∇x||₁ with Ã = A/L, ỹ = y/L, μ = λ m / (2 d L²), solved by Chambolle–Pock
-    with K = [Ã; s∇], s = 1/√(4·ndim) (so ||K||² ≤ 2), and steps τ = σ = 0.99/√2. ``objective`` is
-    computed every ``objective_every`` iterations (NaN otherwise).
-    """
-    ndim = len(A.domain_shape)
-    m, d = y.numel(), math.prod(A.domain_shape)
-    L = _op_norm(A, 30, generator) * 1.01  # 1 % safety margin on the power-iteration estimate
-    mu = lam * m / (2 * d * L * L)
-    # Scale ∇ by s = 1/√(4·ndim) (||∇|| ≤ √(4·ndim)) so both blocks of K = [Ã; s∇] have norm
-    # ≤ 1: ||K||² ≤ 2 and μ||∇x||₁ = (μ/s)||s∇x||₁. Balanced blocks converge much faster.
-    s = 1.0 / math.sqrt(4 * ndim)
-    step = 0.99 / math.sqrt(2.0)
-    yt = y / L
-    x = torch.zeros(A.domain_shape, dtype=A.dtype, device=A.device) if x0 is None else x0.clone()
-    xbar = x.clone()
-    p = torch.zeros_like(y)
-    q = x.new_zeros((ndim, *x.shape))
-    with torch.no_grad():
-        for k in range(n_iter):
-            p = (p + step * (A(xbar) / L - yt)) / (1 + step)
-            q = (q + step * s * gradient(xbar, ndim)).clamp_(-mu / s, mu / s)
-            x_new = x - step * (A.T(p) / L + s * gradient_adjoint(q, ndim))
-            if nonneg:
-                x_new.clamp_(min=0)
-            xbar = 2 * x_new - x
-            x = x_new
-            obj = math.nan
-            if objective_every and (k + 1) % objective_every == 0:
-                obj = float((A(x) - y).square().mean() + lam * tv_anisotropic(x, ndim))
-            yield TVState(k, x, obj)
-
-
 @dataclass
 class TVLeastSquares(Baseline):
-    """x = argmin (1/m)||Ax − y||² + λ TV(x) (x ≥ 0 when ``nonneg``), by :func:`tv_pdhg`."""
+    """x = argmin (1/m)||Ax − y||² + λ TV(x) (x ≥ 0 when ``nonneg``), by :func:`tv_pdhg`.
+
+    ``lam = "auto"``: λ is chosen by :func:`~dipuq.dip.tv.select_tv_weight` on about
+    ``heldout`` of the angles held out (:func:`~dipuq.dip.tv.split_heldout`), then the chosen
+    weight is solved on all angles, warm-started. The weight that matters moves over decades
+    between scans (:mod:`dipuq.dip.tv`), so a fixed number is right for one scan at most.
+    """
 
     name: ClassVar[str] = "tv"
-    lam: float = 0.1
+    lam: float | str = "auto"
     n_iter: int = 500
     nonneg: bool = True
+    heldout: float = 0.1
 
     def __post_init__(self):
-        if not self.lam >= 0:
-            raise ConfigError(f"tv.lam must be >= 0, got {self.lam!r}")
+        if isinstance(self.lam, str):
+            if self.lam != "auto":
+                raise ConfigError(f"tv.lam must be 'auto' or a number >= 0, got {self.lam!r}")
+        elif not self.lam >= 0:
+            raise ConfigError(f"tv.lam must be 'auto' or a number >= 0, got {self.lam!r}")
         _positive_int(self.n_iter, "tv.n_iter")
 
     def reconstruct(self, A, y, *, generator=None, x_input=None) -> BaselineResult:
         y = _validate(A, y)
+        meta, lam, x0 = {}, self.lam, None
+        if lam == "auto":
+            A_f, y_f, A_H, y_H = split_heldout(A, y, self.heldout, generator)
+            sel = select_tv_weight(A_f, y_f, A_H, y_H, n_iter=self.n_iter, nonneg=self.nonneg, generator=generator)
+            lam, x0 = sel.lam, sel.x
+            meta["selection"] = sel.to_dict()
         state = None
-        for state in tv_pdhg(A, y, self.lam, self.n_iter, nonneg=self.nonneg, generator=generator):
+        for state in tv_pdhg(A, y, lam, self.n_iter, nonneg=self.nonneg, generator=generator, x0=x0):
             pass
         x = state.x
-        obj = float((A(x) - y).square().mean() + self.lam * tv_anisotropic(x, x.ndim))
-        return BaselineResult(self.name, x, meta={"objective": obj})
+        obj = float((A(x) - y).square().mean() + lam * tv_anisotropic(x, x.ndim))
+        return BaselineResult(self.name, x, meta={"objective": obj, "lam": lam, **meta})
 
 
 # ----------------------------------------------------------------------------------------

@@ -39,9 +39,10 @@ from dipuq._io import save_torch
 from dipuq.dip.checkpoint import load_checkpoint, save_checkpoint
 from dipuq.dip.fit import DipConfig, DipState, FitHandle, check_fit_inputs, fit_dip, make_input, residual_sigma2
 from dipuq.dip.networks import UNet
+from dipuq.dip.tv import TVSelection, select_tv_weight, split_heldout, tv_pdhg
 from dipuq.errors import DipuqError
 
-__all__ = ["DipResult", "run_dip"]
+__all__ = ["DipResult", "resolve_tv", "run_dip"]
 
 log = logging.getLogger("dipuq.dip")
 
@@ -69,7 +70,9 @@ class DipResult:
         ``dip.iterations`` was reached: the fit may be unfinished), ``"time"`` (``dip.max_seconds``),
         ``"discrepancy"`` or ``"callback"``
     timings : ``total_s`` (wall time of the fit, summed over resumptions), ``per_iteration_s``
-    config : the :class:`DipConfig` as a dict
+    config : the :class:`DipConfig` as a dict, ``gamma`` resolved (a number)
+    tv : the held-out choice of the TV weight (:meth:`dipuq.dip.tv.TVSelection.to_dict`) when
+        ``dip.gamma = "auto"`` or ``dip.input = "tv"`` made one, else empty
     """
 
     net_state: dict[str, torch.Tensor]
@@ -83,6 +86,7 @@ class DipResult:
     stop_reason: str
     timings: dict[str, float]
     config: dict
+    tv: dict = dataclasses.field(default_factory=dict)
 
     def build_net(self, device=None) -> UNet:
         """A :class:`UNet` holding θ* (dropout off)."""
@@ -148,8 +152,15 @@ def run_dip(
         ckpt = load_checkpoint(checkpoint)
         x_input = ckpt["x_input"].to(dtype=A.dtype, device=A.device)
         log.info("resuming DIP fit from %s at step %d", checkpoint, ckpt["steps"])
+    tv = None
+    if cfg.gamma == "auto" or (cfg.input == "tv" and x_input is None):
+        cfg, tv = resolve_tv(cfg, A, y, validation)
     if x_input is None:
-        x_input = make_input(A, y, cfg, generator, in_ch=getattr(net, "in_ch", 1))
+        in_ch = getattr(net, "in_ch", 1)
+        if cfg.input == "tv":
+            x_input = tv.x.reshape(1, 1, *A.domain_shape).expand(1, in_ch, *A.domain_shape).contiguous()
+        else:
+            x_input = make_input(A, y, cfg, generator, in_ch=in_ch)
 
     states = fit_dip(net, A, y, x_input, cfg, generator, resume=ckpt, validation=validation)
     finished = ckpt is not None and bool(ckpt.get("stop_reason"))
@@ -168,7 +179,34 @@ def run_dip(
     elapsed = float(ckpt.get("elapsed_s", 0.0)) if ckpt is not None else 0.0
     if fit is not None:  # else: resumed from a finished checkpoint, no time spent on the fit
         elapsed += time.perf_counter() - t0
-    return _result(net, A, y, x_input, cfg, fit, ckpt, stop_reason, elapsed)
+    result = _result(net, A, y, x_input, cfg, fit, ckpt, stop_reason, elapsed)
+    if tv is not None:
+        result.tv = tv.to_dict()
+    return result
+
+
+def resolve_tv(cfg: DipConfig, A, y: torch.Tensor, validation: tuple | None = None) -> tuple[DipConfig, TVSelection]:
+    """Choose the TV weight λ on held-out projections (:func:`~dipuq.dip.tv.select_tv_weight`)
+    and return ``cfg`` with ``gamma`` resolved (``gamma_scale · λ`` when it was ``"auto"``) and the
+    selection, whose ``x`` is the TV reconstruction of the fitted rows (the ``"tv"`` input).
+
+    The held-out rows are ``validation`` when given (the pipeline's split); otherwise about 10 %
+    of ``A``'s angles are held out for the choice only and the chosen weight is then solved on all
+    rows. The PDHG start vectors come from a generator of their own (seed 0), so the caller's
+    random stream is untouched and the choice is a pure function of (A, y, held-out rows).
+    """
+    gen = torch.Generator().manual_seed(0)
+    if validation is not None:
+        sel = select_tv_weight(A, y, *validation, generator=gen)
+    else:
+        A_f, y_f, A_H, y_H = split_heldout(A, y, 0.1, gen)
+        sel = select_tv_weight(A_f, y_f, A_H, y_H, generator=gen)
+        for state in tv_pdhg(A, y, sel.lam, 300, generator=gen, x0=sel.x):
+            pass
+        sel = dataclasses.replace(sel, x=state.x)
+    gamma = cfg.gamma_scale * sel.lam if cfg.gamma == "auto" else cfg.gamma
+    log.info("TV weight chosen on held-out projections: %g (DIP gamma %g)", sel.lam, gamma)
+    return dataclasses.replace(cfg, gamma=float(gamma)), sel
 
 
 def _progress_bar(cfg: DipConfig, start: int):

@@ -47,6 +47,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ import torch
 from dipuq.devices import check_same_device
 from dipuq.dip.checkpoint import restore
 from dipuq.dip.networks import NetworkConfig, UNet, config_from_dict
+from dipuq.dip.tv import tv_anisotropic
 from dipuq.errors import ConfigError, DataError, DipuqError, DivergenceError
 from dipuq.operators import recon
 
@@ -71,7 +73,7 @@ __all__ = [
     "residual_sigma2",
 ]
 
-INPUTS = ("fbp", "noise")
+INPUTS = ("tv", "fbp", "noise")
 STOPS = ("none", "discrepancy", "validation")
 
 
@@ -86,8 +88,13 @@ class DipConfig:
     ----------
     iterations : maximum number of Adam steps (> 0)
     lr : Adam learning rate
-    gamma : TV weight γ in the normalised loss (module docstring); 0 disables TV
-    input : network input z: ``"fbp"`` (analytic reconstruction, the default) or ``"noise"``
+    gamma : TV weight γ in the normalised loss (module docstring); 0 disables TV; ``"auto"``
+        (default): ``gamma_scale`` × the TV weight that the held-out projections choose for TV
+        least squares (:func:`dipuq.dip.tv.select_tv_weight`, resolved by
+        :func:`~dipuq.dip.driver.run_dip`): the useful weight moves over decades between scans
+    gamma_scale : with ``gamma = "auto"``, the DIP's γ as a multiple of the chosen TV weight
+    input : network input z: ``"tv"`` (default: the TV least-squares reconstruction at the
+        held-out-chosen weight), ``"fbp"`` (analytic reconstruction) or ``"noise"``
     input_noise_std : std of the Gaussian noise input when ``input = "noise"``
     stop : ``"validation"`` (stop once the held-out projection loss has not improved for a
         patience window; keep the iterate of lowest held-out loss), ``"discrepancy"`` (stop once
@@ -110,8 +117,9 @@ class DipConfig:
 
     iterations: int = 2000
     lr: float = 1e-3
-    gamma: float = 1e-3
-    input: str = "fbp"
+    gamma: float | Literal["auto"] = "auto"
+    gamma_scale: float = 1.0
+    input: str = "tv"
     input_noise_std: float = 0.1
     stop: str = "validation"
     patience: int = 200
@@ -131,8 +139,10 @@ class DipConfig:
             raise ConfigError(f"dip.iterations must be a positive integer, got {self.iterations!r}")
         if not self.lr > 0:
             raise ConfigError(f"dip.lr must be > 0, got {self.lr!r}")
-        if not self.gamma >= 0:
-            raise ConfigError(f"dip.gamma (TV weight) must be >= 0, got {self.gamma!r}")
+        if self.gamma != "auto" and (isinstance(self.gamma, (str, bool)) or not self.gamma >= 0):
+            raise ConfigError(f"dip.gamma (TV weight) must be 'auto' or a number >= 0, got {self.gamma!r}")
+        if not self.gamma_scale > 0:
+            raise ConfigError(f"dip.gamma_scale must be > 0, got {self.gamma_scale!r}")
         if self.input not in INPUTS:
             raise ConfigError(f"dip.input must be one of {INPUTS}, got {self.input!r}")
         if not self.input_noise_std > 0:
@@ -171,17 +181,6 @@ class DipConfig:
 # ----------------------------------------------------------------------------------------
 # small maths helpers
 # ----------------------------------------------------------------------------------------
-def tv_anisotropic(x: torch.Tensor, ndim: int | None = None) -> torch.Tensor:
-    """Mean anisotropic total variation TV(x) = (1/d) Σ_axes Σ |x[i + e_axis] − x[i]|.
-
-    The differences run over the last ``ndim`` axes (default: all axes of ``x``); leading axes
-    (batch, channel) are summed like voxels, and d is the number of elements of ``x``.
-    """
-    ndim = x.ndim if ndim is None else ndim
-    total = x.new_zeros(())
-    for ax in range(x.ndim - ndim, x.ndim):
-        total = total + torch.diff(x, dim=ax).abs().sum()
-    return total / x.numel()
 
 
 def estimate_noise_sigma2(y: torch.Tensor) -> float:
@@ -221,8 +220,12 @@ def make_input(A, y: torch.Tensor, cfg: DipConfig, generator: torch.Generator | 
     (FBP / FDK by beam) when ``A`` carries a geometry; for a plain operator without one, the
     least-squares-scaled back-projection ``α Aᵀy`` with ``α = ||Aᵀy||² / ||A Aᵀ y||²``.
     ``cfg.input = "noise"``: ``input_noise_std · N(0, I)`` drawn from ``generator``.
+    ``cfg.input = "tv"`` needs the held-out choice of the TV weight: :func:`dipuq.dip.driver.run_dip`
+    makes that input; here it is an error.
     """
     shape = tuple(A.domain_shape)
+    if cfg.input == "tv":
+        raise ConfigError("make_input: dip.input = 'tv' is made by dipuq.dip.driver.run_dip (it chooses the TV weight)")
     if cfg.input == "noise":
         z = torch.randn((1, in_ch, *shape), generator=generator, dtype=A.dtype, device="cpu")
         return (cfg.input_noise_std * z).to(A.device)
@@ -365,6 +368,9 @@ def fit_dip(
     At the end the network holds the *last* weights; the kept weights are in
     ``state.fit.best_params`` (``run_dip`` loads them).
     """
+    if cfg.gamma == "auto":
+        raise ConfigError("fit_dip needs a numeric dip.gamma: 'auto' is resolved by dipuq.dip.driver.run_dip "
+                          "(or give a number)")
     y, x_input = check_fit_inputs(net, A, y, x_input)
     if x_input is None:
         raise DataError("fit_dip needs the network input x_input (see make_input)")

@@ -84,7 +84,7 @@ class MethodsSpec:
     cg_max_iter: int = option(300, "most CG iterations per batch (as cg_tol)", ge=1)
     mcdo_dropout: float = option(0.1, "mcdo: channel-dropout probability", gt=0.0, lt=1.0)
     mcdo_samples: int = option(32, "mcdo: stochastic forward passes", ge=2)
-    tv_lam: float = option(1e-3, "tv: weight λ of TV(x) in (1/m)||Ax − y||² + λ TV(x)", ge=0.0)
+    tv_lam: float | str = option("auto", "tv: weight λ of TV(x) in (1/m)||Ax − y||² + λ TV(x); 'auto' = chosen on held-out angles")
     tv_iter: int = option(300, "tv: PDHG iterations", ge=1)
 
 

@@ -51,6 +51,10 @@ def stage_dip(ctx: RunContext, cfg) -> dict:
                      checkpoint=ctx.path("dip", "fit.ckpt"), callbacks=callbacks, progress=ctx.progress,
                      validation=validation)
     atomic_write_json(ctx.path("dip", "psnr_trace.json"), psnr_trace)
+    if result.tv:
+        atomic_write_json(ctx.path("dip", "tv.json"), result.tv)
+        ctx.log(f"dipuq: TV weight chosen on the held-out angles: {result.tv['lam']:g} "
+                f"(DIP gamma {result.config['gamma']:g})")
     result.save(ctx.path("dip", "dip.pt"))
     ctx["dip"], ctx["net"] = result, net
     check = _heldout_check(ctx, result, cfg)
@@ -60,8 +64,9 @@ def stage_dip(ctx: RunContext, cfg) -> dict:
                 f" while its held-out loss was still improving (kept iterate {result.best_iteration} of "
                 f"{result.iterations}): the fit may be unfinished")
     atomic_write_json(ctx.path("dip", "heldout.json"), check)
+    tv = {"tv_lam": result.tv["lam"], "gamma": result.config["gamma"]} if result.tv else {}
     return {"iterations": result.iterations, "best_iteration": result.best_iteration, "stop_reason": result.stop_reason,
-            "residual_sigma2": result.residual_sigma2, **{k: v for k, v in check.items() if k != "message"}}
+            "residual_sigma2": result.residual_sigma2, **tv, **{k: v for k, v in check.items() if k != "message"}}
 
 
 def _heldout_check(ctx: RunContext, dip, cfg) -> dict:
@@ -74,6 +79,12 @@ def _heldout_check(ctx: RunContext, dip, cfg) -> dict:
         dip_mse = float((A_H(dip.recon.to(A_H.dtype)) - y_H).double().square().mean())
         fbp_mse = float((A_H((ctx["fbp_fit"] / ctx["norm"]).to(A_H.dtype)) - y_H).double().square().mean())
     out = {"heldout": True, "heldout_mse_dip": dip_mse, "heldout_mse_fbp": fbp_mse, "fbp_wins": fbp_mse <= dip_mse}
+    if dip.tv:  # the TV least squares at the chosen weight, on the same held-out rows
+        out["heldout_mse_tv"] = float(dip.tv["heldout_mse"])
+        out["tv_wins"] = out["heldout_mse_tv"] < dip_mse
+        if out["tv_wins"]:
+            ctx.log(f"dipuq: note: TV least squares at the chosen weight explains the held-out projections better "
+                    f"than the DIP ({out['heldout_mse_tv']:.3g} vs {dip_mse:.3g})")
     if out["fbp_wins"]:
         msg = (f"the FBP/FDK explains the held-out projections better than the DIP (mean squared residual "
                f"{fbp_mse:.3g} vs {dip_mse:.3g}): the DIP reconstruction is not to be trusted over the FBP here; "
