@@ -64,7 +64,7 @@ def build_case(name: str):
     scan = simulate_scan(shepp_logan(vol), geo, operator=A, noise_level=0.05,
                          generator=torch.Generator().manual_seed(0))
     y = torch.as_tensor(scan.projections, device=A.device)
-    cfg = DipConfig(iterations=10**6, lr=1e-3, gamma=1e-2,
+    cfg = DipConfig(iterations=10**6, lr=1e-3, gamma=1e-2, input="fbp",
                     network=NetworkConfig(scales=scales, channels=ch, skip_channels=4))
     g = torch.Generator().manual_seed(0)
     net = UNet.from_config(cfg.network, ndim, generator=g).to(A.device)
@@ -183,7 +183,7 @@ def unet_fit_psnr(iters: int) -> dict:
     A = RayTransform(scan.geometry)
     y = torch.as_tensor(scan.projections, dtype=A.dtype)
     x_true = torch.as_tensor(scan.reference, dtype=A.dtype)
-    cfg = DipConfig(iterations=iters, lr=2e-3, gamma=1e-4, stop="none")
+    cfg = DipConfig(iterations=iters, lr=2e-3, gamma=1e-4, input="fbp", stop="none")
     z = make_input(A, y, cfg)
     fits = {}
     for k, net in _unet_pair().items():

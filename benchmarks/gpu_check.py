@@ -392,7 +392,7 @@ def _dip_case(n: int, ch: int, scales: int, seed: int = 0):
     with torch.no_grad():
         y = A(x_true)
         y = y + 0.02 * y.abs().mean() * torch.randn(y.shape, generator=gen).to(DEVICE)
-    cfg = DipConfig(iterations=10**6, lr=1e-3, gamma=1e-4,
+    cfg = DipConfig(iterations=10**6, lr=1e-3, gamma=1e-4, input="fbp",
                     network=NetworkConfig(scales=scales, channels=ch, skip_channels=4))
     net = UNet.from_config(cfg.network, 3, generator=gen).to(DEVICE)
     z = make_input(A, y, cfg, gen)

@@ -163,4 +163,4 @@ def test_fit_dip_refuses_net_on_other_device():
     A = RayTransform(Geometry.parallel2d(np.linspace(0, np.pi, 4, endpoint=False), (8, 8)))
     net = UNet(ndim=2, scales=1, channels=2, skip_channels=0, generator=torch.Generator().manual_seed(0)).to("meta")
     with pytest.raises(DipuqError, match="fit_dip: inputs are on different devices"):
-        next(fit_dip(net, A, torch.zeros(A.range_shape), torch.zeros(1, 1, 8, 8), DipConfig()))
+        next(fit_dip(net, A, torch.zeros(A.range_shape), torch.zeros(1, 1, 8, 8), DipConfig(gamma=0.0)))

@@ -29,7 +29,7 @@ def tiny2d():
 
 
 def _cfg(**kw):
-    opts = dict(iterations=12, lr=3e-3, gamma=1e-2, network=NetworkConfig(scales=2, channels=4, skip_channels=2))
+    opts = dict(iterations=12, lr=3e-3, gamma=1e-2, input="fbp", network=NetworkConfig(scales=2, channels=4, skip_channels=2))
     opts.update(kw)
     return DipConfig(**opts)
 

@@ -18,6 +18,7 @@ from dipuq.operators.simulate import simulate_scan
 from dipuq.data.split import ProjectionSplit, angle_groups
 from dipuq.dip.driver import run_dip
 from dipuq.dip.fit import DipConfig
+from dipuq.dip.tv import TV_GRID
 from dipuq.errors import ConfigError
 from dipuq.geometry import Geometry
 from dipuq.dip.networks import NetworkConfig, UNet
@@ -92,7 +93,7 @@ def _net(seed=0):
 
 def test_heldout_rows_never_reach_the_fit():
     _, A, A_H, y, y_H = _fit_setup()
-    cfg = DipConfig(iterations=40, lr=3e-3, stop="none")
+    cfg = DipConfig(iterations=40, lr=3e-3, gamma=1e-3, stop="none")
     z = torch.ones(1, 1, *A.domain_shape)
     runs = []
     for yh in (y_H, 10.0 * y_H + 3.0):  # wildly different held-out data
@@ -103,6 +104,21 @@ def test_heldout_rows_never_reach_the_fit():
     assert r0.history["loss"] == r1.history["loss"]  # the same trajectory, step for step
     assert r0.history["val"] != r1.history["val"]  # ... while the held-out losses differ
     assert all(torch.equal(a, b) for a, b in zip(n0.parameters(), n1.parameters()))
+
+
+def test_heldout_rows_choose_only_the_tv_weight():
+    # dip.gamma = "auto": the held-out rows pick one number (the TV weight) and nothing else; the
+    # fit is then step for step the fit with that number given
+    _, A, A_H, y, y_H = _fit_setup()
+    z = torch.ones(1, 1, *A.domain_shape)
+    auto = run_dip(_net(), A, y, DipConfig(iterations=30, lr=3e-3, stop="none"), x_input=z,
+                   generator=torch.Generator().manual_seed(1), validation=(A_H, y_H))
+    lam = auto.tv["lam"]
+    assert auto.config["gamma"] == pytest.approx(lam) and lam in TV_GRID
+    assert lam == min(auto.tv["table"], key=lambda r: r["heldout_mse"])["lam"]  # the held-out minimum
+    fixed = run_dip(_net(), A, y, DipConfig(iterations=30, lr=3e-3, gamma=lam, stop="none"), x_input=z,
+                    generator=torch.Generator().manual_seed(1), validation=(A_H, y_H))
+    assert auto.history["loss"] == fixed.history["loss"]
 
 
 def test_validation_stop_on_a_forced_overfit():

@@ -218,18 +218,29 @@ def split_heldout(A, y: torch.Tensor, fraction: float = 0.1, generator: torch.Ge
     """Hold out about ``fraction`` of ``A``'s projection angles (interleaved, seeded:
     :meth:`dipuq.data.split.ProjectionSplit.choose`): returns ``(A_fit, y_fit, A_H, y_H)``. For a
     ray transform of a scan that has no held-out rows of its own (the TV baseline of the
-    experiments, which sees every angle)."""
+    experiments, which sees every angle); a plain operator (no geometry) has interleaved rows of
+    its first range axis held out instead."""
     from dipuq.data.split import ProjectionSplit
+    from dipuq.operators.base import RowsOperator
     from dipuq.operators.ray import RayTransform
 
     geom = getattr(A, "geometry", None)
-    if geom is None:
-        raise ConfigError("choosing the TV weight needs held-out projections: give a ray transform "
-                          "(an operator with a geometry) or a numeric TV weight")
-    split = ProjectionSplit.choose(geom.angles, fraction, min_count=2, generator=generator)
+    if geom is not None:
+        split = ProjectionSplit.choose(geom.angles, fraction, min_count=2, generator=generator)
+        fit, held = np.asarray(split.fit), np.asarray(split.held)
+    else:  # a plain operator: hold out interleaved rows of the first range axis
+        n = A.range_shape[0]
+        n_h = max(2, round(fraction * n))
+        if n - n_h < 2:
+            raise ConfigError(f"choosing the TV weight needs held-out rows: {n} rows are too few to hold {n_h} out")
+        edges = np.linspace(0, n, n_h + 1).astype(int)
+        held = np.array([lo + int(torch.randint(0, max(hi - lo, 1), (1,), generator=generator))
+                         for lo, hi in zip(edges[:-1], edges[1:], strict=True)])
+        fit = np.setdiff1d(np.arange(n), held)
 
     def part(idx):
-        op = RayTransform(geom.subset(np.asarray(idx)), backend=A.backend, device=A.device, dtype=A.dtype)
-        return op, y[torch.as_tensor(np.asarray(idx), device=y.device)]
+        op = (RayTransform(geom.subset(idx), backend=A.backend, device=A.device, dtype=A.dtype)
+              if geom is not None else RowsOperator(A, idx))
+        return op, y[torch.as_tensor(idx, device=y.device)]
 
-    return (*part(split.fit), *part(split.held))
+    return (*part(fit), *part(held))

@@ -32,7 +32,7 @@ from dipuq.errors import DipuqError
 
 __all__ = [
     "LinearOperator", "MatrixOperator", "ComposedOperator", "AdjointOperator", "SumOperator", "ScaledOperator",
-    "DiagonalOperator", "IdentityOperator",
+    "DiagonalOperator", "IdentityOperator", "RowsOperator",
 ]
 
 
@@ -293,3 +293,24 @@ class MatrixOperator(LinearOperator):
     def as_matrix(self, dtype=None):
         M = self.M.to_dense() if self.sparse else self.M
         return M.to(dtype or self.dtype)
+
+
+class RowsOperator(LinearOperator):
+    """``A`` restricted to some indices ``rows`` of the first axis of its range (projection angles
+    for a ray transform, rows for a matrix): ``(R A) x = (A x)[rows]``, adjoint ``Aᵀ`` of the
+    zero-filled rows."""
+
+    def __init__(self, op: LinearOperator, rows):
+        self.op = op
+        self.rows = torch.as_tensor(rows, dtype=torch.long, device=op.device).reshape(-1)
+        self.domain_shape = op.domain_shape
+        self.range_shape = (int(self.rows.numel()), *op.range_shape[1:])
+        self.dtype, self.device = op.dtype, op.device
+
+    def _apply(self, x):
+        return self.op._apply(x).reshape(x.shape[0], *self.op.range_shape)[:, self.rows]
+
+    def _adjoint(self, y):
+        full = y.new_zeros((y.shape[0], *self.op.range_shape))
+        full[:, self.rows] = y
+        return self.op._adjoint(full)
