@@ -128,7 +128,7 @@ class Posterior:
         0.82e-3–1.2e-3, on 2D Shepp–Logan 128² one round moved g from 0.040 to 1.4e-3. From g = 1
         the first EM round costs minutes (ill-conditioned). 1.0 when θ* is zero.
         """
-        g = float((self.model.theta_map / self.scale).double().pow(2).mean())
+        g = float((self.model.theta_map.double() / self.scale.double()).pow(2).mean())
         return g if g > 0 and math.isfinite(g) else 1.0
 
     # -- J̃, A J̃, H and K + σ²I as composed operators ----------------------------------------
