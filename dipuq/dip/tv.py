@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dipuq.data.split import ProjectionSplit
 from dipuq.errors import ConfigError
+from dipuq.operators.base import RowsOperator
+from dipuq.operators.ray import RayTransform
 
 __all__ = [
     "tv_anisotropic",
@@ -220,10 +223,6 @@ def split_heldout(A, y: torch.Tensor, fraction: float = 0.1, generator: torch.Ge
     ray transform of a scan that has no held-out rows of its own (the TV baseline of the
     experiments, which sees every angle); a plain operator (no geometry) has interleaved rows of
     its first range axis held out instead."""
-    from dipuq.data.split import ProjectionSplit
-    from dipuq.operators.base import RowsOperator
-    from dipuq.operators.ray import RayTransform
-
     geom = getattr(A, "geometry", None)
     if geom is not None:
         split = ProjectionSplit.choose(geom.angles, fraction, min_count=2, generator=generator)
