@@ -38,7 +38,7 @@ import torch
 from dipuq.dip.driver import DipResult, run_dip
 from dipuq.dip.fit import DipConfig, check_projections
 from dipuq.dip.networks import NetworkConfig, UNet
-from dipuq.dip.tv import gradient, gradient_adjoint, select_tv_weight, split_heldout, tv_anisotropic, tv_pdhg
+from dipuq.dip.tv import choose_tv_weight, gradient, gradient_adjoint, tv_anisotropic, tv_pdhg
 from dipuq.errors import ConfigError
 from dipuq.operators import recon
 
@@ -158,25 +158,20 @@ class TVLeastSquares(Baseline):
     heldout: float = 0.1
 
     def __post_init__(self):
-        if isinstance(self.lam, str):
-            if self.lam != "auto":
-                raise ConfigError(f"tv.lam must be 'auto' or a number >= 0, got {self.lam!r}")
-        elif not self.lam >= 0:
+        if self.lam != "auto" and (isinstance(self.lam, (str, bool)) or not self.lam >= 0):
             raise ConfigError(f"tv.lam must be 'auto' or a number >= 0, got {self.lam!r}")
         _positive_int(self.n_iter, "tv.n_iter")
 
     def reconstruct(self, A, y, *, generator=None, x_input=None) -> BaselineResult:
         y = _validate(A, y)
-        meta, lam, x0 = {}, self.lam, None
-        if lam == "auto":
-            A_f, y_f, A_H, y_H = split_heldout(A, y, self.heldout, generator)
-            sel = select_tv_weight(A_f, y_f, A_H, y_H, n_iter=self.n_iter, nonneg=self.nonneg, generator=generator)
-            lam, x0 = sel.lam, sel.x
-            meta["selection"] = sel.to_dict()
-        state = None
-        for state in tv_pdhg(A, y, lam, self.n_iter, nonneg=self.nonneg, generator=generator, x0=x0):
-            pass
-        x = state.x
+        if self.lam == "auto":
+            sel = choose_tv_weight(A, y, fraction=self.heldout, n_iter=self.n_iter, nonneg=self.nonneg,
+                                   generator=generator)
+            lam, x, meta = sel.lam, sel.x, {"selection": sel.to_dict()}
+        else:
+            for state in tv_pdhg(A, y, self.lam, self.n_iter, nonneg=self.nonneg, generator=generator):
+                pass
+            lam, x, meta = self.lam, state.x, {}
         obj = float((A(x) - y).square().mean() + lam * tv_anisotropic(x, x.ndim))
         return BaselineResult(self.name, x, meta={"objective": obj, "lam": lam, **meta})
 

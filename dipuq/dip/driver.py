@@ -39,7 +39,7 @@ from dipuq._io import save_torch
 from dipuq.dip.checkpoint import load_checkpoint, save_checkpoint
 from dipuq.dip.fit import DipConfig, DipState, FitHandle, check_fit_inputs, fit_dip, make_input, residual_sigma2
 from dipuq.dip.networks import UNet
-from dipuq.dip.tv import TVSelection, select_tv_weight, split_heldout, tv_pdhg
+from dipuq.dip.tv import TVSelection, choose_tv_weight
 from dipuq.errors import DipuqError
 
 __all__ = ["DipResult", "resolve_tv", "run_dip"]
@@ -195,15 +195,7 @@ def resolve_tv(cfg: DipConfig, A, y: torch.Tensor, validation: tuple | None = No
     rows. The PDHG start vectors come from a generator of their own (seed 0), so the caller's
     random stream is untouched and the choice is a pure function of (A, y, held-out rows).
     """
-    gen = torch.Generator().manual_seed(0)
-    if validation is not None:
-        sel = select_tv_weight(A, y, *validation, generator=gen)
-    else:
-        A_f, y_f, A_H, y_H = split_heldout(A, y, 0.1, gen)
-        sel = select_tv_weight(A_f, y_f, A_H, y_H, generator=gen)
-        for state in tv_pdhg(A, y, sel.lam, 300, generator=gen, x0=sel.x):
-            pass
-        sel = dataclasses.replace(sel, x=state.x)
+    sel = choose_tv_weight(A, y, validation, final_iter=300, generator=torch.Generator().manual_seed(0))
     gamma = cfg.gamma_scale * sel.lam if cfg.gamma == "auto" else cfg.gamma
     log.info("TV weight chosen on held-out projections: %g (DIP gamma %g)", sel.lam, gamma)
     return dataclasses.replace(cfg, gamma=float(gamma)), sel

@@ -46,8 +46,11 @@ __all__ = [
     "TV_GRID",
     "TVSelection",
     "select_tv_weight",
+    "choose_tv_weight",
+    "pdhg_norm",
     "split_heldout",
 ]
+
 
 def tv_anisotropic(x: torch.Tensor, ndim: int | None = None) -> torch.Tensor:
     """Mean anisotropic total variation TV(x) = (1/d) Σ_axes Σ |x[i + e_axis] − x[i]|.
@@ -105,6 +108,11 @@ def op_norm(A, n_iter: int, generator: torch.Generator | None) -> float:
     return math.sqrt(s)
 
 
+def pdhg_norm(A, generator: torch.Generator | None = None) -> float:
+    """The L = ||A|| that :func:`tv_pdhg` steps with: 30 power iterations and a 1 % safety margin."""
+    return op_norm(A, 30, generator) * 1.01
+
+
 @dataclass
 class TVState:
     """One PDHG iteration of :func:`tv_pdhg`: ``x`` (current image, not copied), ``objective``."""
@@ -116,18 +124,19 @@ class TVState:
 
 def tv_pdhg(A, y: torch.Tensor, lam: float, n_iter: int, *, nonneg: bool = True,
             generator: torch.Generator | None = None, x0: torch.Tensor | None = None,
-            objective_every: int = 0) -> Iterator[TVState]:
+            objective_every: int = 0, norm: float | None = None) -> Iterator[TVState]:
     """Minimise (1/m)||Ax − y||² + λ TV(x) [+ ι(x ≥ 0)] by PDHG; yields :class:`TVState`.
 
     TV is the normalised anisotropic TV of :func:`tv_anisotropic` (same λ scale as the
     DIP's γ). Multiplying by m/(2L²), L = ||A||, gives the equivalent problem
     ½||Ãx − ỹ||² + μ ||∇x||₁ with Ã = A/L, ỹ = y/L, μ = λ m / (2 d L²), solved by Chambolle–Pock
     with K = [Ã; s∇], s = 1/√(4·ndim) (so ||K||² ≤ 2), and steps τ = σ = 0.99/√2. ``objective`` is
-    computed every ``objective_every`` iterations (NaN otherwise).
+    computed every ``objective_every`` iterations (NaN otherwise). ``norm``: L when the caller
+    has it (:func:`pdhg_norm`; solving many weights on one A), else estimated here.
     """
     ndim = len(A.domain_shape)
     m, d = y.numel(), math.prod(A.domain_shape)
-    L = op_norm(A, 30, generator) * 1.01  # 1 % safety margin on the power-iteration estimate
+    L = pdhg_norm(A, generator) if norm is None else norm
     mu = lam * m / (2 * d * L * L)
     # Scale ∇ by s = 1/√(4·ndim) (||∇|| ≤ √(4·ndim)) so both blocks of K = [Ã; s∇] have norm
     # ≤ 1: ||K||² ≤ 2 and μ||∇x||₁ = (μ/s)||s∇x||₁. Balanced blocks converge much faster.
@@ -188,19 +197,19 @@ def select_tv_weight(A, y: torch.Tensor, A_H, y_H: torch.Tensor, *, grid: Sequen
     λ runs down ``grid`` (largest first), each weight solved from zero by ``n_iter`` PDHG
     iterations (not warm-started from the previous weight: a warm start carries the larger
     weight's smoothing along, and the held-out choice then drifted to the smallest weight on the
-    grid, measured on six scans), and the path stops once the held-out residual has risen ``patience`` times in a row to more than ``RISE`` ×
-    its minimum, counted only once that minimum lies below ``PLATEAU`` × the first value (at the
+    grid, measured on six scans), and the path stops once the held-out residual has risen
+    ``patience`` times in a row to more than ``RISE`` × its minimum, counted only once that minimum lies below ``PLATEAU`` × the first value (at the
     largest weights every solution is nearly flat and the residual wanders on a plateau: the quick
     demo's path stopped there at λ = 3e3 before this rule; its minimum is at 0.1). The
     chosen solution then gets ``n_iter`` more iterations from its warm start. No reference is read.
     """
     if not grid:
         raise ConfigError("select_tv_weight: the grid of TV weights is empty")
-    table, best, x = [], None, None
-    rises = 0
+    table, best, rises = [], None, 0
+    L = pdhg_norm(A, generator)  # one A for every weight
     with torch.no_grad():
-        for i, lam in enumerate(grid):
-            for state in tv_pdhg(A, y, float(lam), n_iter, nonneg=nonneg, generator=generator):
+        for lam in grid:
+            for state in tv_pdhg(A, y, float(lam), n_iter, nonneg=nonneg, norm=L):
                 pass
             x = state.x
             val = float((A_H(x) - y_H).double().square().mean())
@@ -212,9 +221,25 @@ def select_tv_weight(A, y: torch.Tensor, A_H, y_H: torch.Tensor, *, grid: Sequen
                 if rises >= patience:
                     break
         lam, _, x0 = best
-        for state in tv_pdhg(A, y, lam, n_iter, nonneg=nonneg, generator=generator, x0=x0):
+        for state in tv_pdhg(A, y, lam, n_iter, nonneg=nonneg, x0=x0, norm=L):
             pass
     return TVSelection(lam, state.x, table)
+
+
+def choose_tv_weight(A, y: torch.Tensor, heldout: tuple | None = None, *, fraction: float = 0.1,
+                     n_iter: int = 500, final_iter: int | None = None, nonneg: bool = True,
+                     generator: torch.Generator | None = None) -> TVSelection:
+    """:func:`select_tv_weight` on ``heldout = (A_H, y_H)`` when the caller has held-out rows
+    (``x`` is then the fitted rows' reconstruction); otherwise on about ``fraction`` of ``A``'s
+    angles held out (:func:`split_heldout`), and the chosen weight is then solved on all rows of
+    ``A``, ``final_iter`` (default ``n_iter``) PDHG iterations warm-started from the selection."""
+    if heldout is not None:
+        return select_tv_weight(A, y, *heldout, n_iter=n_iter, nonneg=nonneg, generator=generator)
+    A_f, y_f, A_H, y_H = split_heldout(A, y, fraction, generator)
+    sel = select_tv_weight(A_f, y_f, A_H, y_H, n_iter=n_iter, nonneg=nonneg, generator=generator)
+    for state in tv_pdhg(A, y, sel.lam, final_iter or n_iter, nonneg=nonneg, generator=generator, x0=sel.x):
+        pass
+    return TVSelection(sel.lam, state.x, sel.table)
 
 
 def split_heldout(A, y: torch.Tensor, fraction: float = 0.1, generator: torch.Generator | None = None):
