@@ -160,6 +160,10 @@ def test_units_never_matter(tmp_path, k):
     d0, d1 = (json.loads((r.run_dir / "stages" / "03_dip" / "done.json").read_text())["summary"] for r in (base, scaled))
     assert (d0["iterations"], d0["best_iteration"], d0["stop_reason"]) == (d1["iterations"], d1["best_iteration"],
                                                                            d1["stop_reason"])
+    # the TV weight is chosen in normalised units: the same choice, recorded in the run folder
+    assert d0["tv_lam"] == d1["tv_lam"] and d0["gamma"] == d1["gamma"]
+    tv0 = json.loads((base.run_dir / "stages" / "03_dip" / "tv.json").read_text())
+    assert tv0["lam"] == d0["tv_lam"] == min(tv0["table"], key=lambda r: r["heldout_mse"])["lam"]
     g0, g1 = (json.loads((r.run_dir / "stages" / "05_posterior" / "em.json").read_text())["g_trace"][-1]
               for r in (base, scaled))
     if np.log2(k) == round(np.log2(k)):

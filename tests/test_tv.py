@@ -68,3 +68,15 @@ def test_tv_baseline_auto_weight_records_its_choice():
     assert res.meta["lam"] == res.meta["selection"]["lam"] and res.meta["lam"] in TV_GRID
     with pytest.raises(Exception, match="tv.lam must be 'auto' or a number"):
         make_baseline("tv", lam="big")
+
+
+def test_tv_options_from_the_command_line_syntax():
+    from dipuq.errors import ConfigError
+    from dipuq.run.config import load_config
+
+    assert load_config(None).dip.gamma == "auto" and load_config(None).dip.input == "tv"
+    assert load_config(None, ["dip.gamma=3", "dip.gamma_scale=0.5"]).dip.gamma == 3.0
+    with pytest.raises(ConfigError, match="dip.gamma"):
+        load_config(None, ["dip.gamma=big"])
+    with pytest.raises(ConfigError, match="dip.gamma_scale must be > 0"):
+        load_config(None, ["dip.gamma_scale=0"])
