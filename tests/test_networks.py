@@ -158,3 +158,27 @@ def test_spec_round_trip():
     twin = UNet.from_spec(net.spec())
     assert twin.spec() == net.spec()
     twin.load_state_dict(net.state_dict())
+
+
+def test_residual_net_starts_at_its_input_with_the_plain_jacobian():
+    # f(θ; z) = z + U(θ; z) − U(θ₀; z): after anchor_at(z), f(θ₀; z) = z exactly, and ∂f/∂θ is the
+    # plain U-Net's (float64, so the comparison is to rounding only)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(1, 1, 12, 10, generator=g, dtype=torch.float64)
+    res = _net(2, residual=True).double()
+    plain = _net(2).double()
+    plain.load_state_dict({k: v for k, v in res.state_dict().items() if k != "anchor"})
+    assert torch.allclose(res(z), z + plain(z))  # not anchored yet: z + U(θ; z)
+    res.anchor_at(z)
+    assert torch.equal(res(z), z)
+    params = {k: v.detach() for k, v in res.named_parameters()}
+    tangent = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+    _, jr = jvp(lambda p: functional_call(res, p, (z,)), (params,), (tangent,))
+    _, jp = jvp(lambda p: functional_call(plain, p, (z,)), (params,), (tangent,))
+    assert torch.allclose(jr, jp, atol=1e-12)
+    # the anchor travels with the state dict into a fresh net of the same spec
+    twin = UNet.from_spec(res.spec()).double()
+    twin.load_state_dict(res.state_dict())
+    assert torch.equal(twin(z), z)
+    with pytest.raises(ConfigError, match="anchored"):
+        twin(torch.zeros(1, 1, 8, 8, dtype=torch.float64))

@@ -380,6 +380,9 @@ def fit_dip(
     if validation is not None:
         A_H, y_H = validation
         validation = (A_H, check_projections(A_H, y_H))
+    if resume is None:
+        if hasattr(net, "anchor_at"):
+            net.anchor_at(x_input)  # a residual net starts at its input (NetworkConfig.residual)
     optimizer = _adam(net, cfg.lr)
     fit = FitHandle(net, optimizer, generator, x_input, cfg, sigma2_target,
                history={"loss": [], "misfit": [], "tv": [], "val": []}, validation=validation)

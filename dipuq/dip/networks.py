@@ -80,9 +80,13 @@ class NetworkConfig:
     dropout : channel-dropout probability after each block (0 = no dropout layers; > 0 for
         MC dropout)
     sigmoid : squash the output through a sigmoid (default: linear output)
-    residual : add the input to the output, f(θ; z) = z + U(θ; z): with the FBP/FDK as input
-        the fit starts from the analytic reconstruction and learns a correction (needs
-        ``in_ch == out_ch``; not with ``sigmoid``)
+    residual : learn a correction to the input: f(θ; z) = z + U(θ; z) − U(θ₀; z), where the
+        anchor U(θ₀; z) is the untrained net's output, stored by :meth:`UNet.anchor_at` when the
+        fit starts. The fit then starts *at* its input (the TV or FBP/FDK reconstruction), and the
+        Jacobian ∂f/∂θ is the plain U-Net's (a zero-initialised output layer would also start
+        at z, but its Jacobian at the fit is that of a last-layer model, and on the quick demo
+        its error bars ranked the errors far worse: Spearman 0.29 against 0.70). Needs
+        ``in_ch == out_ch``; not with ``sigmoid``
     fast_conv : on CPU (float32), compute each 3D convolution that PyTorch would run through its
         slow dense path as an equal batch-2 (or groups=2) convolution that goes to oneDNN (module
         docstring, :class:`FastConv3d`); same parameters, same outputs to float rounding. No
@@ -370,6 +374,9 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, FastConv3d):
                 m.fast, m.channels_last = cfg.fast_conv, cfg.channels_last
+        # residual nets: U(θ₀; z), set by anchor_at (empty = not anchored: f = z + U(θ; z))
+        if cfg.residual:
+            self.register_buffer("anchor", torch.zeros(0))
         self.reset_parameters(generator)
 
     # -- construction ------------------------------------------------------------------
@@ -406,6 +413,27 @@ class UNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    @torch.no_grad()
+    def anchor_at(self, z: torch.Tensor) -> None:
+        """Residual nets: store U(θ; z) at the current weights, so that from now on
+        f(θ; z) = z + U(θ; z) − U(θ_now; z) and f(θ_now; z) = z exactly (no-op otherwise)."""
+        if not self.config.residual:
+            return
+        drop = [(m, m.active) for m in self.modules() if isinstance(m, ChannelDropout)]
+        for m, _ in drop:
+            m.active = False
+        try:
+            self.anchor = self._unet(z).detach().clone()
+        finally:
+            for m, a in drop:
+                m.active = a
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        a = state_dict.get(prefix + "anchor")
+        if a is not None and self.config.residual and a.shape != self.anchor.shape:  # an anchored net: take the anchor's shape
+            self.anchor = torch.empty_like(a, device=self.anchor.device, dtype=self.anchor.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # -- dropout control -----------------------------------------------------------------
     @property
     def has_dropout(self) -> bool:
@@ -421,6 +449,18 @@ class UNet(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """f(θ; z) for z of shape (batch, in_ch, [z,] y, x) -> (batch, out_ch, [z,] y, x)."""
+        out = self._unet(z)
+        if self.config.residual:
+            if self.anchor.numel():
+                if self.anchor.shape[1:] != out.shape[1:]:
+                    raise ConfigError(f"residual UNet anchored at an input of shape {tuple(self.anchor.shape)}, "
+                                      f"called on {tuple(z.shape)}")
+                out = out - self.anchor
+            out = out + z
+        return out
+
+    def _unet(self, z: torch.Tensor) -> torch.Tensor:
+        """U(θ; z): the U-Net without the residual path."""
         if z.ndim != self.ndim + 2 or z.shape[1] != self.in_ch:
             raise ConfigError(
                 f"UNet(ndim={self.ndim}, in_ch={self.in_ch}) expects input (batch, {self.in_ch}, "
@@ -448,8 +488,6 @@ class UNet(nn.Module):
         out = self.outc(h)
         if self.config.sigmoid:
             out = torch.sigmoid(out)
-        if self.config.residual:
-            out = out + z
 
         if any(extra):
             idx = [slice(None), slice(None)]
