@@ -233,3 +233,28 @@ def test_callbacks_progress_and_logging(tiny2d, caplog):
         _, res = _fit(A, y, _cfg(iterations=10, log_every=2), callbacks=[stop_at_3], progress=True)
     assert seen == [0, 1, 2, 3] and res.stop_reason == "callback" and res.iterations == 4
     assert sum("DIP it" in r.message for r in caplog.records) == 2  # iterations 1 and 3
+
+
+def test_residual_dip_starts_at_its_input_and_resumes(tiny2d, tmp_path):
+    # network.residual: the first iterate is the input itself (f(θ₀; z) = z), and the anchor
+    # U(θ₀; z) travels with the checkpoint and the result (a resumed or rebuilt net is the same function)
+    A, y = tiny2d
+    net_cfg = NetworkConfig(scales=2, channels=4, skip_channels=2, residual=True)
+    cfg = _cfg(iterations=10, checkpoint_every=4, network=net_cfg)
+    z = make_input(A, y, cfg)
+    _, full = _fit(A, y, cfg, x_input=z)
+    assert math.isclose(full.history["misfit"][0], float((A(z[0, 0]) - y).square().mean()), rel_tol=1e-5)
+
+    def crash(state):
+        if state.iteration == 6:
+            raise _Interrupt
+
+    ck = tmp_path / "dip.ckpt"
+    with pytest.raises(_Interrupt):
+        _fit(A, y, cfg, checkpoint=ck, callbacks=[crash], x_input=z)
+    resumed = run_dip(UNet.from_config(net_cfg, 2, generator=torch.Generator().manual_seed(7)), A, y, cfg,
+                      checkpoint=ck, x_input=z)
+    assert torch.equal(full.recon, resumed.recon) and full.history == resumed.history
+    with torch.no_grad():
+        back = DipResult.load(full.save(tmp_path / "dip.pt")).build_net()
+        assert torch.allclose(back(full.net_input)[0, 0], full.recon, atol=1e-6)
