@@ -64,6 +64,7 @@ __all__ = [
     "DipState",
     "FitHandle",
     "fit_dip",
+    "warm_up",
     "make_input",
     "check_projections",
     "check_fit_inputs",
@@ -88,6 +89,10 @@ class DipConfig:
     ----------
     iterations : maximum number of Adam steps (> 0)
     lr : Adam learning rate
+    lr_ramp : the learning rate rises linearly from lr/lr_ramp to lr over the first ``lr_ramp``
+        steps of the projection fit (0 = constant): Adam's first steps move every weight by about
+        lr, which throws a network that already outputs a good image (``warmup``, ``residual``)
+        away from it
     gamma : TV weight γ in the normalised loss (module docstring); 0 disables TV; ``"auto"``
         (default): ``gamma_scale`` × the TV weight that the held-out projections choose for TV
         least squares (:func:`dipuq.dip.tv.select_tv_weight`, resolved by
@@ -96,6 +101,10 @@ class DipConfig:
     input : network input z: ``"tv"`` (default: the TV least-squares reconstruction at the
         held-out-chosen weight), ``"fbp"`` (analytic reconstruction) or ``"noise"``
     input_noise_std : std of the Gaussian noise input when ``input = "noise"``
+    warmup : Adam steps that first fit the network's output to its input in image space,
+        min ‖f(θ; z) − z‖² (no projector: well conditioned), so the projection fit starts near the
+        TV/FBP image with a trained network instead of a random one; 0 = off. Not with
+        ``input = "noise"``
     stop : ``"validation"`` (stop once the held-out projection loss has not improved for a
         patience window; keep the iterate of lowest held-out loss), ``"discrepancy"`` (stop once
         misfit ≤ τ σ²) or ``"none"`` (run ``iterations`` steps, keep the lowest-loss iterate)
@@ -117,10 +126,12 @@ class DipConfig:
 
     iterations: int = 2000
     lr: float = 1e-3
+    lr_ramp: int = 0
     gamma: float | Literal["auto"] = "auto"
     gamma_scale: float = 1.0
     input: str = "tv"
     input_noise_std: float = 0.1
+    warmup: int = 0
     stop: str = "validation"
     patience: int = 200
     patience_rel: float = 0.5
@@ -147,6 +158,12 @@ class DipConfig:
             raise ConfigError(f"dip.input must be one of {INPUTS}, got {self.input!r}")
         if not self.input_noise_std > 0:
             raise ConfigError(f"dip.input_noise_std must be > 0, got {self.input_noise_std!r}")
+        if not isinstance(self.lr_ramp, int) or isinstance(self.lr_ramp, bool) or self.lr_ramp < 0:
+            raise ConfigError(f"dip.lr_ramp must be an integer >= 0, got {self.lr_ramp!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ConfigError(f"dip.warmup must be an integer >= 0, got {self.warmup!r}")
+        if self.warmup and self.input == "noise":
+            raise ConfigError("dip.warmup fits the network to its input: it needs dip.input = 'tv' or 'fbp'")
         if self.stop not in STOPS:
             raise ConfigError(f"dip.stop must be one of {STOPS}, got {self.stop!r}")
         if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
@@ -383,12 +400,34 @@ def fit_dip(
     if resume is None:
         if hasattr(net, "anchor_at"):
             net.anchor_at(x_input)  # a residual net starts at its input (NetworkConfig.residual)
+        warm_up(net, x_input, cfg)
     optimizer = _adam(net, cfg.lr)
     fit = FitHandle(net, optimizer, generator, x_input, cfg, sigma2_target,
                history={"loss": [], "misfit": [], "tv": [], "val": []}, validation=validation)
     if resume is not None:
         restore(fit, resume)
     return _fit_loop(fit, A, y)
+
+
+def warm_up(net, x_input: torch.Tensor, cfg: DipConfig) -> list[float]:
+    """``cfg.warmup`` Adam steps (learning rate ``cfg.lr``) on the image-space loss
+    ``mean (f(θ; z) − z)²``, before the projection fit; returns the loss per step. Deterministic
+    (no randomness is drawn; dropout layers stay off)."""
+    losses: list[float] = []
+    if not cfg.warmup:
+        return losses
+    opt = _adam(net, cfg.lr)
+    net.train()
+    target = x_input.detach()[:, :1]  # the image (every input channel holds it)
+    for _ in range(cfg.warmup):
+        loss = (net(x_input) - target).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise DivergenceError(f"DIP warm-up loss became {losses[-1]}; lower dip.lr")
+        opt.step()
+    return losses
 
 
 def _adam(net, lr: float) -> torch.optim.Optimizer:
@@ -458,6 +497,9 @@ def _fit_loop(fit: FitHandle, A, y: torch.Tensor) -> Iterator[DipState]:
                 yield DipState(k, lv, mv, tvv, fit.best_loss, fit.best_iteration, x.detach(), fit,
                                stop_reason=reason)
                 return
+            if cfg.lr_ramp:
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (k + 1) / cfg.lr_ramp)
             opt.step()
             fit.steps = k + 1
             yield DipState(k, lv, mv, tvv, fit.best_loss, fit.best_iteration, x.detach(), fit, stop_reason=reason)
