@@ -126,6 +126,11 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     assert [s for s in STAGE_NAMES if "shared_from" in (cg_run.marker(s) or {})] == ["scan", "fbp", "dip", "linearise"]
     assert cg_run.marker("dip")["shared_from"].endswith("bayes-sgd")
     assert json.loads((out / "seed0/a10/bayes-cg/result.json").read_text())["extra"]["shared_fit"] is True
+    # the fixed-σ rows put their constant around that same reconstruction, in the scan's units
+    # (the pipeline fits in units divided by the scan's scale; a unit slip would shift the PSNR)
+    fixed = np.load(out / "seed0/a10/fixed-sigma/recon.npy")
+    np.testing.assert_allclose(fixed, sgd, rtol=1e-5, atol=1e-6 * np.abs(sgd).max())
+    assert json.loads((out / "seed0/a10/fixed-sigma/result.json").read_text())["extra"]["shared_fit"] is True
     # the calibrated row differs from bayes-cg only in its calibration: it reuses cg's samples
     cal_run = RunDir(out / "seed0/a10/bayes-cal", STAGE_NAMES)
     assert [s for s in STAGE_NAMES if "shared_from" in (cal_run.marker(s) or {})] == list(STAGE_NAMES[:STAGE_NAMES.index("sampler") + 1])

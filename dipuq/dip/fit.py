@@ -103,8 +103,10 @@ class DipConfig:
     input_noise_std : std of the Gaussian noise input when ``input = "noise"``
     warmup : Adam steps that first fit the network's output to its input in image space,
         min ‖f(θ; z) − z‖² (no projector: well conditioned), so the projection fit starts near the
-        TV/FBP image with a trained network instead of a random one; 0 = off. Not with
-        ``input = "noise"``
+        TV/FBP image with a trained network instead of a random one; 0 = off. Ignored with
+        ``input = "noise"``. Measured with ``lr_ramp`` (both on vs both off): quick demo
+        24.90 → 25.36 dB, Spearman(σ, |error|) 0.70 → 0.73; 128² Shepp–Logan (20 angles, 5 %)
+        23.32 → 24.90 dB, 0.62 → 0.69, and the validation stop fired (at 470 of 800 steps)
     stop : ``"validation"`` (stop once the held-out projection loss has not improved for a
         patience window; keep the iterate of lowest held-out loss), ``"discrepancy"`` (stop once
         misfit ≤ τ σ²) or ``"none"`` (run ``iterations`` steps, keep the lowest-loss iterate)
@@ -126,12 +128,12 @@ class DipConfig:
 
     iterations: int = 2000
     lr: float = 1e-3
-    lr_ramp: int = 0
+    lr_ramp: int = 200
     gamma: float | Literal["auto"] = "auto"
     gamma_scale: float = 1.0
     input: str = "tv"
     input_noise_std: float = 0.1
-    warmup: int = 0
+    warmup: int = 300
     stop: str = "validation"
     patience: int = 200
     patience_rel: float = 0.5
@@ -162,8 +164,6 @@ class DipConfig:
             raise ConfigError(f"dip.lr_ramp must be an integer >= 0, got {self.lr_ramp!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
             raise ConfigError(f"dip.warmup must be an integer >= 0, got {self.warmup!r}")
-        if self.warmup and self.input == "noise":
-            raise ConfigError("dip.warmup fits the network to its input: it needs dip.input = 'tv' or 'fbp'")
         if self.stop not in STOPS:
             raise ConfigError(f"dip.stop must be one of {STOPS}, got {self.stop!r}")
         if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
@@ -414,7 +414,7 @@ def warm_up(net, x_input: torch.Tensor, cfg: DipConfig) -> list[float]:
     ``mean (f(θ; z) − z)²``, before the projection fit; returns the loss per step. Deterministic
     (no randomness is drawn; dropout layers stay off)."""
     losses: list[float] = []
-    if not cfg.warmup:
+    if not cfg.warmup or cfg.input == "noise":  # a noise input is no image to start from
         return losses
     opt = _adam(net, cfg.lr)
     net.train()

@@ -258,13 +258,21 @@ class MCDropout(Method):
 
 
 def _dip_fit(job: Job) -> tuple[DipResult, float, bool]:
-    """The bayes-sgd run's DIP fit (θ*, f(θ*)) when it has one, else a fresh one; its wall time
-    (FBP + DIP stages when shared); whether it was shared."""
-    run = RunDir(job.folder / BayesSGD.name, STAGE_NAMES)
-    path, done = run.stage_dir("dip") / "dip.pt", run.marker("dip")
-    if path.exists() and done is not None:
-        t = done.get("seconds", 0.0) + (run.marker("fbp") or {}).get("seconds", 0.0)
-        return DipResult.load(path), t, True
+    """The DIP fit (θ*, f(θ*)) of the experiment's first Bayes-DIP run that has one (bayes-sgd
+    first), so that the fixed-σ rows put their constant around the very reconstruction the Bayes
+    rows put their error bars around; else a fresh one. The pipeline fits in units divided by the
+    scan's scale (``stages/02_fbp/norm.json``): the result comes back in the scan's units. Returns
+    it, its wall time (FBP + DIP stages when shared) and whether it was shared."""
+    bayes = [n for n in job.spec.methods.run if METHODS[n].bayes]
+    for name in sorted(bayes, key=lambda n: n != BayesSGD.name):
+        run = RunDir(job.folder / name, STAGE_NAMES)
+        path, done, fbp = run.stage_dir("dip") / "dip.pt", run.marker("dip"), run.marker("fbp")
+        norm_file = run.stage_dir("fbp") / "norm.json"
+        if path.exists() and done is not None and fbp is not None and norm_file.exists():
+            norm = float(json.loads(norm_file.read_text())["scale"])
+            res = DipResult.load(path)
+            res = dataclasses.replace(res, recon=res.recon * norm, residual_sigma2=res.residual_sigma2 * norm**2)
+            return res, done.get("seconds", 0.0) + fbp.get("seconds", 0.0), True
     t0 = time.perf_counter()
     res = Dip(config=job.spec.pipeline.dip).reconstruct(job.A, job.y, generator=job.gen("dip"))
     return res.meta["dip"], time.perf_counter() - t0, False
