@@ -38,7 +38,10 @@ def stage_calibrate(ctx: RunContext, cfg) -> dict:
         t0 = time.perf_counter()
         model, report = calibrate(pred, cfg.terms, cfg.noise, cfg.tails)
         out = {"enabled": True, **report, "fit_seconds": time.perf_counter() - t0,
-               "sigma2_source": "held-out fit" if cfg.noise == "fit" else ctx["em"].get("sigma2_source")}
+               "sigma2_source": "held-out fit" if cfg.noise == "fit" and report["model"] != "raw"
+               else ctx["em"].get("sigma2_source")}
+        if report["fallback"]:
+            ctx.log(f"dipuq: warning: calibration: {report['fallback']}")
     if ctx.is_main:
         atomic_write_json(ctx.path("calibrate", "calibration.json"), out)
     ctx["calibration"] = out
@@ -114,7 +117,8 @@ def stage_metrics(ctx: RunContext, cfg) -> dict:
         m["sampler_relative_residual"] = float(residual)
     m.update({k: heldout[k] for k in ("heldout_mse_dip", "heldout_mse_fbp", "fbp_wins") if k in heldout})
     if cal.get("enabled"):
-        m.update({"calibration_model": cal["model"], "calibration_scale": cal["parameters"]["scale"],
+        m.update({"calibration_model": cal["model"], "calibration_fallback": cal.get("fallback"),
+                  "calibration_scale": cal["parameters"]["scale"],
                   "calibration_df": cal["parameters"]["df"],
                   "heldout_log_likelihood_raw": cal["heldout_log_likelihood_raw"],
                   "heldout_log_likelihood_cv": cal["heldout_log_likelihood_cv"]})
