@@ -119,6 +119,13 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     m0 = _metrics(out)
     assert m0["fbp"]["coverage_90"] is None and np.isfinite(m0["fbp"]["psnr"])
     assert m0["fixed-sigma"]["spearman_std_abs_error"] == 0.0
+    # the table's metrics are the run's own: computed inside the region every angle sees, like metrics.json
+    for m in ("bayes-cal", "bayes-sgd"):
+        run_m = json.loads((out / f"seed0/a10/{m}/metrics.json").read_text())
+        for k in ("psnr", "coverage_90", "calibration_error", "log_likelihood"):
+            assert m0[m][k] == pytest.approx(run_m[k], rel=1e-6, abs=1e-9), (m, k)
+    assert m0["fbp"]["psnr"] == pytest.approx(json.loads((out / "seed0/a10/bayes-sgd/metrics.json").read_text())["fbp_psnr"],
+                                              rel=1e-5)
     # the cg run reused the sgd run's DIP fit: same reconstruction, its own std
     sgd = np.load(out / "seed0/a10/bayes-sgd/recon.npy")
     np.testing.assert_array_equal(sgd, np.load(out / "seed0/a10/bayes-cg/recon.npy"))

@@ -40,11 +40,13 @@ from dipuq.data.scan import Scan
 from dipuq.dip.baselines import Baseline, Dip, DipMCDO, FixedSigmaDip, make_baseline, oracle_constant_std
 from dipuq.dip.driver import DipResult
 from dipuq.operators import RayTransform
+from dipuq.operators.recon import ray_coverage
 from dipuq.run import provenance, resume
 from dipuq.run.config import Config, diff_configs, dumps_config, load_config
 from dipuq.run.pipeline import run_pipeline
 from dipuq.run.rundir import RunDir
 from dipuq.run.stages import STAGE_NAMES, STAGES
+from dipuq.run.stages.data import FULL_COVERAGE
 
 from dipuq.experiments.spec import CaseSpec, ExperimentSpec, MethodsSpec
 
@@ -69,6 +71,7 @@ class Job:
     log: Callable[[str], None]
     dist: Any = None  # the torchrun context when rank 0 drives other ranks, else None
     _A: Any = None
+    _mask: Any = None
 
     @property
     def A(self) -> RayTransform:
@@ -76,6 +79,14 @@ class Job:
         if self._A is None:
             self._A = RayTransform(self.scan.geometry, backend=self.spec.pipeline.operator.backend, device=self.device)
         return self._A
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The voxels every projection angle sees (the metrics' region, as in a run's metrics.json)."""
+        if self._mask is None:
+            with torch.no_grad():
+                self._mask = (ray_coverage(self.A).cpu().numpy() >= FULL_COVERAGE).reshape(self.scan.geometry.vol_shape)
+        return self._mask
 
     @property
     def y(self) -> torch.Tensor:

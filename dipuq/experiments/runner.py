@@ -188,7 +188,12 @@ def _run_method(job: Job, name: str, request: dict) -> tuple[dict, bool]:
     old = _read_json(res_path)
     if old is not None and old.get("key") == key:
         job.log(f"[seed {seed}] {case} / {name}: done already, skipping")
-        return {k: (math.nan if v is None else v) for k, v in old["row"].items()}, False
+        row = {k: (math.nan if v is None else v) for k, v in old["row"].items()}
+        if (mdir / "recon.npy").exists():  # the metrics of its saved maps, by the current metric code
+            std = np.load(mdir / "std.npy") if (mdir / "std.npy").exists() else None
+            row.update(method_metrics(scan.reference, np.load(mdir / "recon.npy"), std,
+                                      df=old.get("extra", {}).get("df"), mask=job.mask))
+        return row, False
     res_path.unlink(missing_ok=True)
     job.log(f"[seed {seed}] {case} / {name}: running")
     t0 = time.perf_counter()
@@ -200,7 +205,7 @@ def _run_method(job: Job, name: str, request: dict) -> tuple[dict, bool]:
         atomic_save_npy(mdir / "recon.npy", recon)
         if std is not None:
             atomic_save_npy(mdir / "std.npy", std)
-    metrics = method_metrics(scan.reference, recon, std, df=res.extra.get("df"))
+    metrics = method_metrics(scan.reference, recon, std, df=res.extra.get("df"), mask=job.mask)
     row = {"seed": seed, "case": case, "method": name, **metrics, **res.times}
     _write_json(res_path, {"key": key, "row": row, "extra": res.extra,
                            "wall_s": time.perf_counter() - t0, "finished": time.time()})

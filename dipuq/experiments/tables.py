@@ -37,13 +37,15 @@ METRICS = {
 
 
 def method_metrics(reference: np.ndarray, recon: np.ndarray, std: np.ndarray | None,
-                   df: float | None = None) -> dict[str, float]:
+                   df: float | None = None, mask: np.ndarray | None = None) -> dict[str, float]:
     """PSNR and SSIM of ``recon``; with a ``std`` also the uncertainty metrics (NaN without);
-    ``df``: the Student-t interval shape of calibrated maps."""
+    ``df``: the Student-t interval shape of calibrated maps; ``mask``: the voxels every metric but
+    SSIM is computed on (the region every projection angle sees, as in a run's ``metrics.json``)."""
     if std is not None:
-        m = uncertainty_metrics(reference, recon, std, df=df)
+        m = uncertainty_metrics(reference, recon, std, df=df, mask=mask)
     else:
-        m = {"psnr": psnr(recon, reference)}
+        keep = np.ones(reference.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool).reshape(reference.shape)
+        m = {"psnr": psnr(np.asarray(recon).reshape(reference.shape)[keep], reference[keep])}
         if reference.ndim in (2, 3) and min(reference.shape) >= 11:
             m["ssim"] = ssim(recon, reference)
     return {k: float(m.get(k, math.nan)) for k in ("psnr", "ssim", "log_likelihood", "coverage_50", "coverage_90",
