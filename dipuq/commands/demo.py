@@ -17,7 +17,7 @@ DESCRIPTION = """\
 Run the whole pipeline on a built-in 3D Shepp-Logan phantom scanned in a sparse-view cone beam
 with Gaussian noise. The true volume is known, so the report shows the error, the z-score and
 the calibration of the error bars as well. The default run takes 10–20 minutes on a 2-core CPU;
---quick is a small run (about a minute on 2 idle cores).
+--quick is a small run (1–2 minutes on 2 cores).
 """
 
 EPILOG = """\
@@ -72,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", "-o", default=None, metavar="RUN",
                    help="run directory (default: ./dipuq-demo, or ./dipuq-demo-quick with --quick)")
-    p.add_argument("--quick", action="store_true", help="small run: 16³ voxels, 12 views (about a minute on 2 idle cores)")
+    p.add_argument("--quick", action="store_true", help="small run: 16³ voxels, 12 views (1–2 minutes on 2 cores)")
     add_common(p)
     p.set_defaults(func=main)
     return p
