@@ -117,8 +117,9 @@ def stage_metrics(ctx: RunContext, cfg) -> dict:
         m["sampler_relative_residual"] = float(residual)
     m.update({k: heldout[k] for k in ("heldout_mse_dip", "heldout_mse_fbp", "fbp_wins") if k in heldout})
     if cal.get("enabled"):
-        m.update({"calibration_model": cal["model"], "calibration_fallback": cal.get("fallback"),
-                  "calibration_scale": cal["parameters"]["scale"],
+        if cal.get("fallback"):
+            m["calibration_fallback"] = cal["fallback"]
+        m.update({"calibration_model": cal["model"], "calibration_scale": cal["parameters"]["scale"],
                   "calibration_df": cal["parameters"]["df"],
                   "heldout_log_likelihood_raw": cal["heldout_log_likelihood_raw"],
                   "heldout_log_likelihood_cv": cal["heldout_log_likelihood_cv"]})
