@@ -33,6 +33,7 @@ OOM_KEYS: dict[str, tuple[str, ...]] = {
     "posterior": ("posterior.em_samples", "sampler.chains_per_batch", "linearise.chunk_size",
                   "sampler.precond_memory_gb"),
     "sampler": ("sampler.chains_per_batch", "linearise.chunk_size", "sampler.precond_memory_gb"),
+    "refit": ("dip.network.channels", "dip.network.scales", "data.bin"),
     "maps": ("data.bin",),
     "metrics": ("data.bin",),
 }

@@ -92,7 +92,7 @@ def test_reconstruct_2d(scan2d, tmp_path, capsys):
     assert main(["reconstruct", str(scan2d), "--out", str(run), "--device", "cpu", *_sets()]) == 0
     _check_run(run, (32, 32))
     out = capsys.readouterr()
-    assert "report.html" in out.out and "[3/11] dip" in out.err
+    assert "report.html" in out.out and "[3/12] dip" in out.err
     # the resolved config reloads to the same configuration
     from dipuq.run.config import load_config
 

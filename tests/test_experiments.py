@@ -155,6 +155,7 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     # interruption (in a fresh folder): stop the run in seed 0's mcdo; finished methods are kept
     inter = tmp_path / "inter"
     methods = experiments.METHODS
+    orig = dict(methods)
 
     def failing(cls):  # the method, interrupted when it starts
         def run(self, job):
@@ -191,6 +192,15 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
     assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
     assert (inter / "table.md").read_text() == table_md
+    # a change of the [refit] section reruns the methods that read it (the pipeline runs, from their
+    # refit stage, and the fixed-σ rows around their reconstruction) and no other
+    calls = []
+    for name, cls in orig.items():
+        monkeypatch.setitem(methods, name, counted(cls, calls))
+    assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1", "--quiet",
+                 "--set", "refit.steps=3"]) == 0
+    assert sorted(calls) == ["bayes-cal", "bayes-cg", "bayes-sgd", "fixed-sigma", "oracle-sigma"]
+    assert json.loads((inter / "seed0/a10/bayes-cal/stages/08_refit/refit.json").read_text())["steps"] == 3
 
 
 def test_bad_input_one_line_exit_2(exp_dir, tmp_path, capsys):

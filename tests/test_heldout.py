@@ -187,7 +187,9 @@ def test_units_never_matter(tmp_path, k):
 
     (dr, ds), (ur, us) = diffs(scaled, k), diffs(ulp, 1.0)
     assert dr <= 3 * ur + 1e-6 * np.abs(base.recon).max() and ds <= 3 * us + 1e-6
-    assert scaled.metrics["psnr"] == pytest.approx(base.metrics["psnr"], abs=0.1)
+    # PSNR: within 0.1 dB, or within 3x what the 1-ulp rounding alone moves it (the refit on all
+    # angles continues the chaotic fit for another 300 steps)
+    assert abs(scaled.metrics["psnr"] - base.metrics["psnr"]) <= max(0.1, 3 * abs(ulp.metrics["psnr"] - base.metrics["psnr"]))
     assert g1 == pytest.approx(g0, rel=0.05)  # g in normalised units is unit-free
 
 
@@ -237,3 +239,49 @@ def test_thread_governor_backs_off_when_steps_slow_down():
         assert torch.get_num_threads() == 1 and len(gov.events) == 1
     finally:
         torch.set_num_threads(n0)
+
+
+# -- the refit on every angle ------------------------------------------------------------------
+
+
+def test_refit_on_every_angle_after_the_calibration(tmp_path, capsys):
+    # the refit runs after the held-out angles have stopped the fit and calibrated the error bars:
+    # everything up to the calibration, and the std maps, are those of the run without a refit;
+    # the reconstruction is the refit's, which explains all angles (held-out ones included) better
+    scan = _scan()
+    cfg = load_config(None).replace({**TINY, "sampler.method": "cg", "refit.steps": 0})
+    base = run_pipeline(scan, cfg, tmp_path / "r", seed=0, progress=False)
+    assert base.metrics["refit_steps"] == 0 and "psnr_before_refit" not in base.metrics
+    capsys.readouterr()
+    refit = run_pipeline(scan, cfg.replace({"refit.steps": 40, "refit.ramp": 10}), tmp_path / "r", seed=0,
+                         log=print)
+    assert "continuing from 'refit'" in capsys.readouterr().out  # a rerun with a new refit reuses stages 1-7
+    rec = json.loads((refit.run_dir / "stages" / "08_refit" / "refit.json").read_text())
+    assert rec["refit"] is True and rec["steps"] == 40
+    assert rec["misfit_all_after"] < rec["misfit_all_before"]
+    np.testing.assert_array_equal(refit.std, base.std)  # the error bars of the held-out fit θ*
+    assert not np.array_equal(refit.recon, base.recon)
+    assert refit.metrics["psnr_before_refit"] == pytest.approx(base.metrics["psnr"], abs=1e-9)
+    assert refit.metrics["psnr"] != base.metrics["psnr"] and refit.metrics["refit_steps"] == 40
+    # a scan without held-out angles has nothing to add
+    none = run_pipeline(scan, cfg.replace({"data.holdout": 0, "refit.steps": 40, "calibration.enabled": False}),
+                        tmp_path / "n", seed=0, progress=False)
+    rec = json.loads((none.run_dir / "stages" / "08_refit" / "refit.json").read_text())
+    assert rec == {"refit": False, "reason": "no held-out angles: the DIP fit saw every angle"}
+
+
+def test_warm_refit_continues_from_the_current_weights():
+    # warm = True: no warm-up and no re-anchoring, the first iterate is the network as it was
+    _, A, _, y, _ = _fit_setup()
+    z = torch.ones(1, 1, *A.domain_shape)
+    net = _net()
+    run_dip(net, A, y, DipConfig(iterations=20, lr=3e-3, gamma=0.0, stop="none", warmup=5), x_input=z)
+    with torch.no_grad():
+        start = net(z).reshape(A.domain_shape).clone()
+    res = run_dip(net, A, y, DipConfig(iterations=3, lr=3e-3, gamma=0.0, stop="none", warmup=50, lr_ramp=3),
+                  x_input=z, warm=True)
+    with torch.no_grad():
+        first = float((A(start) - y).square().mean())
+    assert res.history["misfit"][0] == pytest.approx(first, rel=1e-6)
+    with pytest.raises(Exception, match="needs the network input"):
+        run_dip(net, A, y, DipConfig(iterations=3, stop="none"), warm=True)

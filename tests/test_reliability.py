@@ -214,7 +214,7 @@ CASES = [
     ("stages/05_posterior/posterior.pt", "flip", False),
     ("stages/06_sampler/moments.pt", "flip", True),
     ("stages/07_calibrate/calibration.json", "flip", False),
-    ("stages/08_maps/maps.npz", "truncate", False),
+    ("stages/09_maps/maps.npz", "truncate", False),
     ("std.npy", "truncate", False),
     ("recon.tif", "flip", False),
 ]

@@ -133,6 +133,7 @@ def run_dip(
     callbacks: Iterable[Callback] = (),
     progress: bool = False,
     validation: tuple | None = None,
+    warm: bool = False,
 ) -> DipResult:
     """Run :func:`fit_dip` to the end and return a :class:`DipResult` (``net`` ends at θ*).
 
@@ -145,7 +146,10 @@ def run_dip(
     callbacks : called with each :class:`DipState`; returning True stops the fit
     progress : show a tqdm progress bar
     validation : ``(A_H, y_H)`` held-out rows for the validation stop (see :func:`fit_dip`)
+    warm : continue from ``net``'s current weights (see :func:`fit_dip`); needs ``x_input``
     """
+    if warm and x_input is None:
+        raise DipuqError("a warm-started DIP fit needs the network input x_input of the fit it continues")
     y, x_input = check_fit_inputs(net, A, y, x_input)
     ckpt = None
     if checkpoint is not None and Path(checkpoint).exists():
@@ -162,7 +166,7 @@ def run_dip(
         else:
             x_input = make_input(A, y, cfg, generator, in_ch=in_ch)
 
-    states = fit_dip(net, A, y, x_input, cfg, generator, resume=ckpt, validation=validation)
+    states = fit_dip(net, A, y, x_input, cfg, generator, resume=ckpt, validation=validation, warm=warm)
     finished = ckpt is not None and bool(ckpt.get("stop_reason"))
     t0 = time.perf_counter()
     bar = _progress_bar(cfg, ckpt["steps"] if ckpt is not None else 0) if progress else None

@@ -363,6 +363,7 @@ def fit_dip(
     *,
     resume: dict | None = None,
     validation: tuple | None = None,
+    warm: bool = False,
 ) -> Iterator[DipState]:
     """Fit the DIP by Adam on the normalised loss; yields one :class:`DipState` per iterate.
 
@@ -381,6 +382,9 @@ def fit_dip(
         ``cfg.stop = "validation"`` it selects the kept iterate and stops the fit. It is computed
         without gradients: the fit's parameters never depend on these rows. Without it a
         ``"validation"`` stop falls back to ``"none"``.
+    warm : continue from the network's current weights (the refit stage, :mod:`dipuq.run.stages.fit`):
+        no ``cfg.warmup`` steps and a residual network keeps its anchor. Adam starts afresh
+        (``cfg.lr_ramp`` applies again).
 
     At the end the network holds the *last* weights; the kept weights are in
     ``state.fit.best_params`` (``run_dip`` loads them).
@@ -397,7 +401,7 @@ def fit_dip(
     if validation is not None:
         A_H, y_H = validation
         validation = (A_H, check_projections(A_H, y_H))
-    if resume is None:
+    if resume is None and not warm:
         if hasattr(net, "anchor_at"):
             net.anchor_at(x_input)  # a residual net starts at its input (NetworkConfig.residual)
         warm_up(net, x_input, cfg)

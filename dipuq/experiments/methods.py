@@ -115,6 +115,9 @@ class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
     bayes: ClassVar[bool] = False  # a dipuq pipeline run: it writes its own recon.npy / std.npy
+    #: whether the result depends on the pipeline's ``[refit]`` section (pipeline runs, and the rows
+    #: that reuse their fit); the others are not recomputed when only that section changes
+    reads_refit: ClassVar[bool] = False
 
     def run(self, job: Job) -> MethodResult:  # pragma: no cover
         raise NotImplementedError
@@ -238,7 +241,7 @@ def _shareable(src: Path, dst: Path, cfg: Config) -> list[str]:
 
 def _split_times(timings: dict[str, float]) -> dict[str, float]:
     """A pipeline run's stage times as fit (scan, FBP, DIP), UQ (linearise to maps) and total."""
-    fit = sum(timings.get(s, 0.0) for s in ("scan", "fbp", "dip"))
+    fit = sum(timings.get(s, 0.0) for s in ("scan", "fbp", "dip", "refit"))
     uq = sum(timings.get(s, 0.0) for s in ("linearise", "posterior", "sampler", "maps"))
     return {"time_fit_s": fit, "time_uq_s": uq, "time_total_s": fit + uq,
             **{f"time_{k}_s": float(v) for k, v in timings.items()}}
@@ -269,8 +272,8 @@ class MCDropout(Method):
 
 
 def _dip_fit(job: Job) -> tuple[DipResult, float, bool]:
-    """The DIP fit (θ*, f(θ*)) of the experiment's first Bayes-DIP run that has one (bayes-sgd
-    first), so that the fixed-σ rows put their constant around the very reconstruction the Bayes
+    """The DIP fit (θ*, f(θ*); its refit on all angles where the run made one) of the experiment's
+    first Bayes-DIP run that has one (bayes-sgd first), so that the fixed-σ rows put their constant around the very reconstruction the Bayes
     rows put their error bars around; else a fresh one. The pipeline fits in units divided by the
     scan's scale (``stages/02_fbp/norm.json``): the result comes back in the scan's units. Returns
     it, its wall time (FBP + DIP stages when shared) and whether it was shared."""
@@ -280,10 +283,14 @@ def _dip_fit(job: Job) -> tuple[DipResult, float, bool]:
         path, done, fbp = run.stage_dir("dip") / "dip.pt", run.marker("dip"), run.marker("fbp")
         norm_file = run.stage_dir("fbp") / "norm.json"
         if path.exists() and done is not None and fbp is not None and norm_file.exists():
+            seconds = done.get("seconds", 0.0) + fbp.get("seconds", 0.0)
+            refit, refit_done = run.stage_dir("refit") / "refit.pt", run.marker("refit")
+            if refit.exists() and refit_done is not None:  # the Bayes rows' final reconstruction
+                path, seconds = refit, seconds + refit_done.get("seconds", 0.0)
             norm = float(json.loads(norm_file.read_text())["scale"])
             res = DipResult.load(path)
             res = dataclasses.replace(res, recon=res.recon * norm, residual_sigma2=res.residual_sigma2 * norm**2)
-            return res, done.get("seconds", 0.0) + fbp.get("seconds", 0.0), True
+            return res, seconds, True
     t0 = time.perf_counter()
     res = Dip(config=job.spec.pipeline.dip).reconstruct(job.A, job.y, generator=job.gen("dip"))
     return res.meta["dip"], time.perf_counter() - t0, False
@@ -294,6 +301,7 @@ class FixedSigma(Method):
 
     name = "fixed-sigma"
     label = "DIP + fixed σ"
+    reads_refit = True
 
     def constant(self, job: Job, dip: DipResult, recon: torch.Tensor) -> float:
         """The constant std of this fit."""

@@ -35,7 +35,7 @@ from dipuq.experiments.scans import build_scan
 from dipuq.experiments.spec import ExperimentSpec, dumps_spec, read_experiment, spec_to_dict
 from dipuq.experiments.tables import aggregate, method_metrics, table_markdown, write_rows_csv, write_table_csv
 from dipuq.run import provenance
-from dipuq.run.config import config_digest
+from dipuq.run.config import config_digest, config_to_dict
 from dipuq.run.context import resolve_device
 from dipuq.run.pipeline import run_pipeline
 from dipuq.samplers.ranks import init_distributed
@@ -143,8 +143,10 @@ def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> Ex
                 scan = _case_scan(spec, case, seed, out, device, log)
                 job = Job(spec, case, seed, scan, out / f"seed{seed}" / case.name, device, progress, log, dist)
                 req = provenance.request(scan, spec.pipeline, seed)
+                req_core = {**req, "config": _core_digest(spec.pipeline)}
                 for method in _ordered(spec.methods.run):
-                    row, ran = _run_method(job, method, req)
+                    m = METHODS[method]
+                    row, ran = _run_method(job, method, req if (m.bayes or m.reads_refit) else req_core)
                     rows.append(row)
                     computed += ran
     finally:
@@ -215,6 +217,19 @@ def _run_method(job: Job, name: str, request: dict) -> tuple[dict, bool]:
     return row, True
 
 
+#: Pipeline sections that only some methods read (``Method.reads_refit``): a change there reruns
+#: those methods only, and does not make the folder "a different spec".
+_PER_METHOD_SECTIONS = ("refit",)
+
+
+def _core_digest(config) -> str:
+    """The pipeline config's digest without :data:`_PER_METHOD_SECTIONS`."""
+    d = config_to_dict(config)
+    for k in _PER_METHOD_SECTIONS:
+        d.pop(k, None)
+    return config_digest(d)
+
+
 def _method_key(spec: ExperimentSpec, method: str, request: dict) -> str:
     """What a method's result belongs to: the run ``request`` (scan, seed, pipeline config), the
     method and the ``[methods]`` options (all but the list of methods)."""
@@ -244,6 +259,8 @@ def _check_request(out: Path, spec: ExperimentSpec, force: bool) -> dict:
     d = spec_to_dict(spec)
     d["experiment"].pop("seeds", None)  # more seeds may be added to an existing experiment
     d["experiment"].pop("quick", None)
+    for k in _PER_METHOD_SECTIONS:  # the methods that read them are keyed by them (_method_key)
+        d.get("pipeline", {}).pop(k, None)
     request = {"experiment": spec.name, "spec": config_digest(d)}
     req_path = out / "request.json"
     if req_path.exists():

@@ -132,6 +132,9 @@ def _prepare_run_dir(run: RunDir, request: dict, key: str, config: Config, force
             log(reuse.describe())
         carried = reuse.carried
     run.create()
+    stale = run.remove_stale()
+    if stale:
+        log(f"dipuq: removed stage folders of another dipuq version: {', '.join(stale)}")
     for s in carried:  # finished stages the config change does not touch keep their results
         run.rekey(s, key)
     atomic_write_text(run.path(CONFIG_FILE), dumps_config(config))

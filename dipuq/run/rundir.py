@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -190,6 +191,16 @@ class RunDir:
             if d.exists():
                 shutil.rmtree(d)
 
+    def remove_stale(self) -> list[str]:
+        """Delete stage folders (``stages/NN_name``) that are not this pipeline's, e.g. left by a dipuq
+        with another list of stages; returns their names."""
+        base, own = self.root / "stages", {self.stage_dir(s).name for s in self.stages}
+        stale = [d for d in base.iterdir() if d.is_dir() and _STAGE_DIR.fullmatch(d.name) and d.name not in own] \
+            if base.is_dir() else []
+        for d in stale:
+            shutil.rmtree(d)
+        return sorted(d.name for d in stale)
+
     def finished_stages(self) -> list[str]:
         return [s for s in self.stages if self.marker(s) is not None]
 
@@ -205,6 +216,9 @@ class RunDir:
         for p in self.root.iterdir():
             if p.is_file() and (p.name in _OUTPUT_FILES or _is_tmp(p)):
                 p.unlink()
+
+
+_STAGE_DIR = re.compile(r"\d{2}_[a-z_]+")
 
 
 def _is_tmp(p: Path) -> bool:

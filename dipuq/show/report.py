@@ -66,6 +66,8 @@ METRIC_DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "dip_iterations": ("DIP iterations", "Adam steps taken"),
     "dip_best_iteration": ("DIP kept iterate", "the iterate kept (lowest held-out loss under the validation stop)"),
     "dip_stop_reason": ("DIP stop reason", "validation: held-out loss stopped improving; iterations: the cap was hit (maybe unfinished)"),
+    "refit_steps": ("refit steps", "steps of the final refit on every angle, held-out ones included, from the kept iterate (0 = no refit); the reconstruction shown is the refit's"),
+    "psnr_before_refit": ("PSNR before the refit", "PSNR of the held-out-stopped fit, before the refit on every angle [dB]"),
 }
 
 _CSS = """

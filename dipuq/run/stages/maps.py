@@ -55,13 +55,16 @@ def calibrated_model(calibration: dict):
 
 
 def stage_maps(ctx: RunContext, cfg) -> dict:
-    """Predictive mean (the DIP reconstruction) and std maps (calibrated when the calibrate stage ran,
+    """Predictive mean (the DIP reconstruction, refitted on all angles unless ``refit.steps = 0``) and std maps (calibrated when the calibrate stage ran,
     the raw linearised-posterior std beside it), in the scan's units; the top-level NPY/TIFF files."""
-    dip, moments, norm = ctx["dip"], ctx["moments"], ctx["norm"]
+    dip, moments, norm, refit = ctx["dip"], ctx["moments"], ctx["norm"], ctx["refit"]
     model = calibrated_model(ctx["calibration"])
     raw_var = moments.variance()
     std_raw = raw_var.clamp_min(0).sqrt() * norm
-    meta = {"mean": "dip reconstruction f(theta*)", "norm": norm, "df": None, "calibrated": model is not None}
+    mean = (refit if refit is not None else dip).recon
+    meta = {"mean": "dip reconstruction f(theta*)" if refit is None else
+            f"dip reconstruction refitted on all angles ({refit.iterations} steps from theta*)",
+            "norm": norm, "df": None, "calibrated": model is not None}
     if model is not None:
         prior = ctx["extra_moments"]["prior"].variance()
         std = model.image_variance(raw_var, prior).clamp_min(0).sqrt() * norm
@@ -69,7 +72,7 @@ def stage_maps(ctx: RunContext, cfg) -> dict:
     else:
         std = std_raw
     se = moments.std_se() * norm * (std / std_raw.clamp_min(1e-30))  # MC error of the raw std, carried by the model
-    maps = UncertaintyMaps(mean=(dip.recon * norm).detach().cpu().numpy().reshape(moments.shape),
+    maps = UncertaintyMaps(mean=(mean * norm).detach().cpu().numpy().reshape(moments.shape),
                            std=std.cpu().numpy(), std_se=se.cpu().numpy(), n_samples=moments.n, meta=meta)
     maps.save(ctx.path("maps", "maps.npz"))
     recon, std32 = maps.mean.astype(np.float32), maps.std.astype(np.float32)
@@ -127,8 +130,12 @@ def stage_metrics(ctx: RunContext, cfg) -> dict:
         i90 = min(range(len(lv)), key=lambda i: abs(lv[i] - 0.9))
         m["heldout_coverage_90_raw"] = cal["coverage_raw"][i90]
         m["heldout_coverage_90"] = cal["coverage_calibrated"][i90]
-    dip = ctx["dip"]
-    m.update(dip_iterations=dip.iterations, dip_best_iteration=dip.best_iteration, dip_stop_reason=dip.stop_reason)
+    dip, refit = ctx["dip"], ctx["refit"]
+    m.update(dip_iterations=dip.iterations, dip_best_iteration=dip.best_iteration, dip_stop_reason=dip.stop_reason,
+             refit_steps=refit.iterations if refit is not None else 0)
+    if refit is not None and scan.reference is not None:  # what the refit changed, measured
+        m["psnr_before_refit"] = psnr(dip.recon.cpu().numpy().reshape(mask.shape)[mask] * ctx["norm"], ref[mask],
+                                      data_range=float(ref[mask].max() - ref[mask].min()))
     atomic_write_json(ctx.run.path("metrics.json"), m)
     ctx["metrics"] = m
     return {k: m[k] for k in ("psnr", "coverage_90", "calibration_error", "heldout_coverage_90", "fbp_wins") if k in m}
