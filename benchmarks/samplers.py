@@ -2,7 +2,8 @@
 
 Each case runs dipuq's own pipeline up to the posterior (held-out angles, DIP fit at its default
 validation stop, linearisation, g from the fitted weights as in the demos), then times every
-sampler setting on that posterior, each paying for its own preconditioner:
+sampler setting on that posterior, each paying for its own preconditioner (built once per set of
+preconditioner settings; its measured time is added to every setting that shares it):
 
 - ``2d``: 64² Shepp–Logan, parallel beam, 30 views, 1 % noise; reference = the exact posterior std
   (dense Cholesky); "MC floor" = the exact sampler on the same chains (pure Monte Carlo error).
@@ -63,7 +64,9 @@ def make_case(name: str):
                              generator=torch.Generator().manual_seed(2), name="3D Shepp-Logan 32³, cone, 20 views")
         net = {"dip.network.scales": 3, "dip.network.channels": 8, "dip.network.skip_channels": 2,
                "dip.lr": 3e-3}
-    over = {**net, "posterior.em_rounds": 0, "sampler.method": "cg", "sampler.n_samples": 1,
+    # the pipeline's own sampler stage is not what is measured: one sgd step without a preconditioner
+    over = {**net, "posterior.em_rounds": 0, "sampler.method": "sgd", "sampler.n_samples": 1,
+            "sampler.n_steps": 1, "sampler.precond_rank": 0, "sampler.lr": 1e-12, "refit.steps": 0,
             "calibration.enabled": False, "output.figures": False, "output.report": False, "output.tiff": False}
     return scan, over
 
@@ -78,15 +81,34 @@ def fit_case(name: str, folder: str):
     return ctx["posterior"], res.timings["dip"], dip, res.timings["linearise"]
 
 
+#: preconditioners already built, per (sampler, preconditioner settings): (cache entries, seconds)
+_PREPARED: dict[tuple, tuple[dict, float]] = {}
+
+
 def run_setting(post, name: str, cfg: SamplerConfig, K: int, seed: int = 1, init=None):
-    """Time one sampler setting from a cold preconditioner; returns (result, seconds, K-products)."""
+    """Time one sampler setting; returns (result, seconds, K-products, rank, iterations).
+
+    Every setting pays for its preconditioner (sketch and, for sgd, step size): built once per
+    (sampler, preconditioner settings) and its measured time added to each setting that uses it,
+    so that settings which differ only in their solve do not rebuild the same sketch (in 3D a
+    rank-2048 sketch costs minutes)."""
     for key in [k for k in post.cache if k != "dense" and not (isinstance(k, tuple) and k[0] == "chol")]:
-        del post.cache[key]  # each setting pays for its own preconditioner and step size
+        del post.cache[key]
     sampler = make_sampler(name, cfg)
+    pkey = (name, post.g, post.sigma2, *(getattr(cfg, k) for k in sampler.keys if k.startswith("precond")),
+            *((cfg.power_iters, cfg.lr, cfg.lr_factor) if name == "sgd" else ()))
+    if pkey in _PREPARED:
+        entries, t_prep = _PREPARED[pkey]
+        post.cache.update(entries)
+    else:
+        t0 = time.perf_counter()
+        sampler.prepare(post)
+        t_prep = time.perf_counter() - t0
+        _PREPARED[pkey] = ({k: v for k, v in post.cache.items() if k != "dense"
+                            and not (isinstance(k, tuple) and k[0] == "chol")}, t_prep)
     t0 = time.perf_counter()
-    sampler.prepare(post)
     res = sampler.sample(post, K, seed=seed, keep_z=True, keep_warm=True, init=init)
-    secs = time.perf_counter() - t0
+    secs = t_prep + time.perf_counter() - t0
     info = sampler.describe(post)
     rank = int(info.get("precond_rank", 0))
     sketch = rank * (1 + cfg.precond_power_iters)
@@ -101,9 +123,11 @@ def settings_for(case: str, quick: bool, K: int):
     rows = []
     if case == "2d":
         rows.append(("exact", SamplerConfig(chains_per_batch=b), "dense Cholesky"))
+    rows.append(("sgd", SamplerConfig(n_steps=150, chains_per_batch=b, precond_max_rank=256, grad_tol=0),
+                 "150 steps, rank 256"))
+    if case == "2d":  # block cg wins in 2D (61 vs 88 iterations): in 3D only the block form is timed
+        rows.append(("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=False), "tol 1e-3, one space per chain"))
     rows += [
-        ("sgd", SamplerConfig(n_steps=150, chains_per_batch=b, precond_max_rank=256, grad_tol=0), "150 steps, rank 256"),
-        ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b, cg_block=False), "tol 1e-3, one space per chain"),
         ("cg", SamplerConfig(cg_tol=1e-3, chains_per_batch=b), "tol 1e-3, block"),
         ("cg", SamplerConfig(cg_tol=3e-3, chains_per_batch=b), "tol 3e-3, block"),
     ]

@@ -282,6 +282,22 @@ def test_nystrom_sketch_grows_and_is_exact_at_full_rank():
     assert ((U2 * lam2) @ U2.T - S).norm() / S.norm() < 1e-4
 
 
+def test_lowrank_inverse_equals_the_dense_operator():
+    """outside·v + U diag(inside − outside) Uᵀ v equals outside·(I − UUᵀ)v + U diag(inside) Uᵀ v to
+    float64 rounding of outside·||v||, also where inside/outside is 1e-12 (sgd's captured subspace)."""
+    from dipuq.samplers.nystrom import lowrank_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(60, 10, generator=gen, dtype=torch.float64))[0]
+    v = torch.randn(3, 60, generator=gen, dtype=torch.float64)
+    for inside, outside in ((torch.logspace(0, -6, 10, dtype=torch.float64), 1.0),
+                            (torch.logspace(-3, -12, 10, dtype=torch.float64), 2.0)):
+        P = outside * (torch.eye(60, dtype=torch.float64) - U @ U.T) + (U * inside) @ U.T
+        got = lowrank_inverse(U, inside, outside)(v)
+        assert float((got - v @ P).norm(dim=1).max()) < 1e-13 * outside * float(v.norm(dim=1).min())
+        assert lowrank_inverse(U, inside, outside)(v.float()).dtype == torch.float32
+
+
 def test_nystrom_power_iterations_sharpen_a_slowly_decaying_spectrum():
     """One subspace iteration (precond_power_iters = 1) leaves a much smaller approximation error on
     a slowly decaying spectrum (λ_j = 1/j, n = 200, rank 20: ||S − UΛUᵀ||₂ is 5.4× the optimal
