@@ -85,7 +85,7 @@ def _metrics(out, seed=0):
 def test_shipped_experiments_load():
     """Every config in the repository's experiments/ parses and validates (no runs)."""
     found = experiments.list_experiments()
-    assert {"shepp2d", "cone3d", "cone3d-gpu", "tooth2d", "diamond3d"} <= set(found)
+    assert {"shepp2d", "cone3d", "cone3d-gpu", "tooth2d", "diamond3d", "psiwood2d"} <= set(found)
     for name in found:
         spec = load_experiment(name)
         assert spec.cases and spec.methods.run
