@@ -88,3 +88,30 @@ def test_em_warns_when_the_sampler_reports_unconverged_samples(setup):
     sampler = make_sampler("sgd", SamplerConfig(n_steps=3, precond_rank=0, grad_tol=0, chains_per_batch=8))
     with pytest.warns(RuntimeWarning, match="EM round 0: sgd samples unconverged"):
         run_em(post, sampler, n_rounds=1, n_samples=8, seed=0)
+
+
+def test_em_reports_progress_inside_a_round(setup):
+    """step_callback sees every solver step of a round's mean solve (chains [-1]) and of its samples,
+    and the pipeline's bar shows which one runs, the iteration and the current error."""
+    from dipuq.run.stages.posterior import step_progress
+
+    post, _ = setup
+    seen, shown = [], []
+
+    class Bar:
+        def set_postfix_str(self, s):
+            shown.append(s)
+
+    show = step_progress(Bar(), em_samples=4, every_s=0.0)
+
+    def on_step(st):
+        seen.append((tuple(st.chains), st.step, st.done))
+        show(st)
+
+    list(iterate_em(post, make_sampler("cg", SamplerConfig(chains_per_batch=4)), n_rounds=1, n_samples=4,
+                    seed=3, step_callback=on_step))
+    mean_steps = [s for s in seen if s[0] == (-1,)]
+    sample_steps = [s for s in seen if s[0] == (0, 1, 2, 3) and not s[2]]
+    assert len(mean_steps) > 1 and len(sample_steps) > 1
+    assert any(s.startswith("mean, iteration ") for s in shown)
+    assert any(s.startswith("4 samples, iteration ") and ", error " in s for s in shown)

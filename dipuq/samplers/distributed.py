@@ -181,8 +181,9 @@ def em_hooks(ctx: DistContext | None = None) -> dict[str, Callable]:
     if not ctx.is_distributed:
         return {}
 
-    def sample_fn(sampler: Sampler, post: Posterior, n_samples: int, seed: int, init) -> SampleResult:
-        return sample_distributed(sampler, post, n_samples, seed=seed, ctx=ctx, init=init, keep_warm=True)
+    def sample_fn(sampler: Sampler, post: Posterior, n_samples: int, seed: int, init, callback=None) -> SampleResult:
+        return sample_distributed(sampler, post, n_samples, seed=seed, ctx=ctx, init=init, keep_warm=True,
+                                  callback=callback)
 
     def sync(g_new: float) -> float:
         return float(ctx.broadcast_object(float(g_new), src=0))

@@ -17,7 +17,7 @@ import torch
 
 from dipuq.errors import DipuqError, DivergenceError
 from dipuq.posterior.model import Posterior
-from dipuq.samplers.base import MeanResult, SampleResult, Sampler, drive, resolve_seed
+from dipuq.samplers.base import MeanResult, SampleResult, Sampler, SamplerState, drive, resolve_seed
 
 __all__ = ["EMState", "EMResult", "iterate_em", "run_em"]
 
@@ -52,6 +52,7 @@ def iterate_em(
     rtol: float = 0.0,
     sample_fn: Callable[..., SampleResult] | None = None,
     sync: Callable[[float], float] | None = None,
+    step_callback: Callable[[SamplerState], None] | None = None,
 ) -> Generator[EMState, None, Posterior]:
     """Sample-based EM for the prior variance g (σ² fixed), one :class:`EMState` per round.
 
@@ -62,18 +63,21 @@ def iterate_em(
     |Δg| / g < ``rtol``. Returns the posterior with the final g.
 
     Hooks for sharded runs (:func:`dipuq.samplers.distributed.em_hooks`): ``sample_fn(sampler, post,
-    n_samples, seed, init)`` draws a round's samples (default ``sampler.sample(..., keep_warm=True)``;
+    n_samples, seed, init[, callback])`` draws a round's samples (default ``sampler.sample(..., keep_warm=True)``;
     its ``gamma`` must cover all chains), and ``sync(g_new)`` returns the g every process adopts.
+    ``step_callback`` sees every solver step of the mean solve and of the samples (progress inside
+    a round: on the demos one round is minutes of solver iterations).
     """
     if n_rounds < 1 or n_samples < 1:
         raise DipuqError("EM needs n_rounds >= 1 and n_samples >= 1")
     mean_warm, sample_warm = None, None
     for k in range(n_rounds):
-        mean = sampler.mean(post, init=mean_warm)
+        mean = sampler.mean(post, init=mean_warm, callback=step_callback)
         if sample_fn is None:
-            res = sampler.sample(post, n_samples, seed=seed, init=sample_warm, keep_warm=True)
+            res = sampler.sample(post, n_samples, seed=seed, init=sample_warm, keep_warm=True, callback=step_callback)
         else:
-            res = sample_fn(sampler, post, n_samples, seed, sample_warm)
+            extra = {} if step_callback is None else {"callback": step_callback}
+            res = sample_fn(sampler, post, n_samples, seed, sample_warm, **extra)
         why = sampler.unconverged(res)
         if why is not None:
             warnings.warn(f"EM round {k}: {why}", RuntimeWarning, stacklevel=2)

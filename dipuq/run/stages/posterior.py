@@ -5,6 +5,7 @@ calibration needs), resumable batch by batch."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -42,9 +43,9 @@ def stage_posterior(ctx: RunContext, cfg) -> dict:
         scfg = ctx.config.sampler
         sampler = make_sampler(scfg.method if cfg.em_sampler == "same" else cfg.em_sampler, scfg)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.gen("posterior")))
-        states = iterate_em(post, sampler, cfg.em_rounds, cfg.em_samples, seed=seed, rtol=cfg.em_rtol,
-                            **em_hooks(ctx.dist))
         bar = ctx.tqdm(total=cfg.em_rounds, desc="EM for g", unit="round")
+        states = iterate_em(post, sampler, cfg.em_rounds, cfg.em_samples, seed=seed, rtol=cfg.em_rtol,
+                            step_callback=step_progress(bar, cfg.em_samples), **em_hooks(ctx.dist))
 
         def on_round(st):
             em["g_trace"].append(st.g_new)
@@ -96,6 +97,34 @@ def _extra_callback(ctx: RunContext, post, seed: int, acc: dict):
     return on_state
 
 
+def step_progress(bar, em_samples: int | None = None, every_s: float = 1.0):
+    """A solver-step callback that shows where a batch or an EM round is on ``bar`` (at most once
+    per ``every_s``): the iteration and the current error measure (sgd: error bound of the
+    samples' data fit; cg: relative residual), worst over the batch's chains; with ``em_samples``
+    also whether the round is solving its mean or its samples."""
+    last = [-math.inf]
+
+    def on_step(st):
+        if st.done or st.grad_norm is None:
+            return
+        now = time.monotonic()
+        if now - last[0] < every_s:
+            return
+        last[0] = now
+        what = "" if em_samples is None else ("mean, " if list(st.chains) == [-1] else f"{em_samples} samples, ")
+        bar.set_postfix_str(f"{what}iteration {st.step}, error {float(st.grad_norm.max()):.2g}")
+
+    return on_step
+
+
+def _with_progress(first, second):
+    def both(st):
+        first(st)
+        second(st)
+
+    return both
+
+
 def stage_sampler(ctx: RunContext, cfg) -> dict:
     """Draw ``n_samples`` posterior samples, streaming their moments (and the prior draws' and the
     held-out projections' for the calibration); resumes batch by batch."""
@@ -121,12 +150,16 @@ def stage_sampler(ctx: RunContext, cfg) -> dict:
     bar = ctx.tqdm(total=cfg.n_samples, initial=done, desc=f"sampling ({cfg.method})", unit="sample")
     t0 = time.perf_counter()
     try:
+        if done < cfg.n_samples:  # minutes on 3D problems: say so rather than sit at 0/n
+            bar.set_postfix_str("building the preconditioner")
+            sampler.prepare(post)
+        steps = step_progress(bar)
         while done < cfg.n_samples:
             world = ctx.dist.world_size if ctx.dist is not None else 1
             chains = list(range(done, min(done + cfg.chains_per_batch * world, cfg.n_samples)))
             new = {k: Moments(m.shape, fourth=False, device=ctx.device) for k, m in extra.items()}
             res = sample_distributed(sampler, post, chains=chains, seed=seed, ctx=ctx.dist, moments=moments,
-                                     callback=_extra_callback(ctx, post, seed, new))
+                                     callback=_with_progress(_extra_callback(ctx, post, seed, new), steps))
             for k, m in new.items():
                 extra[k].merge(allreduce_moments(m, ctx.dist) if ctx.dist is not None else m)
             history += [{k: to_jsonable(v) for k, v in h.items()} for h in res.history]
