@@ -308,6 +308,36 @@ class Geometry:
         dist = np.linalg.norm(closest, axis=-1)  # shape: (angles, rays)
         return np.flatnonzero(~np.any(dist <= radius, axis=1))
 
+    def missing_wedge_deg(self) -> float:
+        """Width in degrees of the largest range of in-plane ray directions that no view measures
+        (a limited-angle scan's missing wedge), 0 when the views cover every direction.
+
+        Directions are taken modulo 180° in the plane the rays rotate in (the plane of the views'
+        central rays: their two leading singular vectors), so a 360° scan counts its opposite views
+        once. A parallel view measures one direction, a fan/cone view the range of its central
+        ray ± half its fan angle. Gaps up to max(4 × 180°/n_views, 15°) are sparse sampling, not a
+        wedge (20 views over 180° leave 9° gaps); a wider gap is reported less the median gap.
+        """
+        vec = self.to_vectors()
+        nd = self.ndim
+        src, det, u = vec[:, :nd], vec[:, nd:2 * nd], vec[:, 2 * nd:3 * nd]
+        central = src if self.beam == "parallel" else det - src
+        central = central / np.linalg.norm(central, axis=1, keepdims=True)
+        if nd == 3:  # the rotation plane: where the central rays vary most
+            basis = np.linalg.svd(central, full_matrices=False)[2][:2]
+            central = central @ basis.T
+        theta = np.sort(np.mod(np.arctan2(central[:, 1], central[:, 0]), np.pi))
+        half_fan = 0.0
+        if self.beam != "parallel":
+            width = float(np.linalg.norm(u[0])) * self.det_shape[-1] / 2
+            half_fan = math.atan2(width, float(np.linalg.norm(det[0] - src[0])))
+        gaps = np.diff(np.concatenate([theta, theta[:1] + np.pi]))
+        gaps = np.maximum(gaps - 2 * half_fan, 0.0)
+        widest = float(np.degrees(gaps.max()))
+        if widest <= max(4 * 180.0 / len(theta), 15.0):
+            return 0.0
+        return widest - float(np.degrees(np.median(gaps)))
+
     def describe(self) -> str:
         kind = {"parallel": f"{self.ndim}D parallel", "fan": "2D fan", "cone": "3D cone"}[self.beam]
         vec = " (vector)" if self.is_vector else ""

@@ -163,3 +163,28 @@ def test_unusable_calibration_falls_back_to_the_raw_posterior(seed, needle):
     assert report["model"] == "raw" and needle in report["fallback"]
     assert (model.scale, model.prior_weight, model.sigma2, model.df) == (1.0, 0.0, 0.05, None)
     assert json.dumps(report)  # JSON-able, fallback included
+
+
+def test_limited_angle_scan_is_flagged(scan, tmp_path):
+    """A 100° arc: the run warns that the held-out angles cannot see the missing wedge, records its
+    width in calibration.json and metrics.json, and puts the warning in the report; the full
+    180° scan of the fixture has none."""
+    from dipuq.run.context import RunContext
+    from dipuq.run.rundir import RunDir
+    from dipuq.run.stages import STAGE_NAMES, loaders
+    from dipuq.run.stages.show import _run_warnings
+
+    g = Geometry.parallel2d(np.radians(np.linspace(0, 100, 20)), (32, 32))
+    lim = simulate_scan(shepp_logan((32, 32)), g, noise="gaussian", noise_level=0.02,
+                        generator=torch.Generator().manual_seed(0), name="limited")
+    cfg = load_config(None).replace({**TINY, "output.figures": False, "dip.iterations": 20, "refit.steps": 0})
+    logs = []
+    res = run_pipeline(lim, cfg, tmp_path / "lim", seed=0, progress=False, log=logs.append)
+    assert any("no view measures a 75° wedge" in line for line in logs)  # 80° less one step of 100/19°
+    cal = json.loads((res.run_dir / "stages" / "07_calibrate" / "calibration.json").read_text())
+    assert cal["missing_wedge_deg"] == pytest.approx(80 - 100 / 19)
+    assert res.metrics["missing_wedge_deg"] == cal["missing_wedge_deg"]
+    ctx = RunContext(RunDir(res.run_dir, STAGE_NAMES), cfg, 0, torch.device("cpu"), False, loaders=loaders())
+    assert any("wedge" in w for w in _run_warnings(ctx))
+    full = run_pipeline(scan, cfg, tmp_path / "full", seed=0, progress=False)
+    assert "missing_wedge_deg" not in full.metrics

@@ -56,3 +56,22 @@ def test_cor_offset_moves_the_axis_projection():
         A = np.stack([u, -direction], 1)
         t, _ = np.linalg.solve(A, -d)
         assert np.isclose(t + (11 - 1) / 2, (11 - 1) / 2 + 1.5)
+
+
+def test_missing_wedge_of_limited_angle_scans_only():
+    """Full scans (sparse, 360°, fan/cone with their fan angle) have no missing wedge; a 100° parallel
+    arc misses 80° less one angular step, a ±45° tilt series 90°, a 120° cone scan 120° + fan less."""
+    import math
+
+    G = Geometry.parallel2d
+    assert G(np.linspace(0, np.pi, 20, endpoint=False), (64, 64)).missing_wedge_deg() == 0
+    full360 = np.arange(625) * 2 * np.pi / 625
+    assert G(full360[np.round(np.linspace(0, 624, 40)).astype(int)], (64, 64)).missing_wedge_deg() == 0
+    assert Geometry.fan2d(np.linspace(0, 2 * np.pi, 30, endpoint=False), (64, 64), 96, 256, 128).missing_wedge_deg() == 0
+    lim = G(np.radians(np.linspace(0, 100, 30)), (64, 64)).missing_wedge_deg()
+    assert lim == pytest.approx(80 - 100 / 29, abs=1e-6)
+    tilt = Geometry.parallel3d(np.radians(np.linspace(-45, 45, 61)), (16, 16, 16), (16, 16))
+    assert tilt.missing_wedge_deg() == pytest.approx(90 - 1.5, abs=1e-6)
+    cone = Geometry.cone3d(np.radians(np.linspace(0, 120, 21)), (16, 16, 16), (20, 24), 64, 32)
+    half_fan = math.degrees(math.atan2(12, 96))
+    assert cone.missing_wedge_deg() == pytest.approx(60 - 2 * half_fan, abs=1e-6)

@@ -54,6 +54,7 @@ METRIC_DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "covered_fraction": ("covered region", "share of voxels seen by every projection angle; the reference metrics are computed there"),
     "heldout_mse_dip": ("held-out residual, DIP", "mean squared residual of the DIP on the held-out angles (fit units; lower is better)"),
     "heldout_mse_fbp": ("held-out residual, FBP/FDK", "the same for the FBP/FDK of the fitted angles: if it is lower, the FBP explains unseen data better"),
+    "missing_wedge_deg": ("missing wedge (°)", "ray directions no view measures: the error bars do not include that wedge's error"),
     "fbp_wins": ("FBP beats the DIP on held-out data", "True is a warning: the DIP is not to be trusted over the FBP/FDK here"),
     "calibration_model": ("calibration model", "variance model fitted on the held-out projections ('raw': none could be trusted)"),
     "calibration_fallback": ("calibration fallback", "why the uncalibrated posterior std was kept (the held-out angles disagreed about the scale)"),

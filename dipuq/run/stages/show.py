@@ -13,6 +13,7 @@ from dipuq.run.config import dumps_config
 from dipuq.run.context import RunContext, Stage
 from dipuq.run.stages.data import FULL_COVERAGE
 from dipuq.run.stages.fit import dip_unfinished
+from dipuq.run.stages.maps import missing_wedge_message
 from dipuq.samplers.base import SAMPLER_RESIDUAL_WARN
 from dipuq.show import prepare, viz
 from dipuq.show.report import write_report
@@ -93,7 +94,8 @@ def stage_figures(ctx: RunContext, cfg) -> dict:
 
 
 def _run_warnings(ctx: RunContext) -> list[str]:
-    """What the report must put first: the FBP beating the DIP, an unfinished fit, unconverged samples."""
+    """What the report must put first: the FBP beating the DIP, an unfinished fit, a missing wedge,
+    unconverged samples."""
     out = []
     path = ctx.path("dip", "heldout.json")
     check = json.loads(path.read_text()) if path.exists() else {}
@@ -104,6 +106,9 @@ def _run_warnings(ctx: RunContext) -> list[str]:
         out.append(f"the DIP fit was stopped by its {'iteration cap' if dip.stop_reason == 'iterations' else 'time limit'} "
                    f"at iteration {dip.iterations} while the held-out loss was still falling (kept iterate "
                    f"{dip.best_iteration}): it may be unfinished; raise dip.iterations / dip.max_seconds")
+    wedge = ctx["calibration"].get("missing_wedge_deg")
+    if wedge:
+        out.append(missing_wedge_message(wedge))
     residual = ctx["sampling"].get("final_relative_residual")
     if residual is not None and residual > SAMPLER_RESIDUAL_WARN:
         out.append(f"the sampler stopped at a convergence measure of {residual:.2g} (> {SAMPLER_RESIDUAL_WARN:g}): "
