@@ -85,15 +85,15 @@ def fit_case(name: str, folder: str):
 _PREPARED: dict[tuple, tuple[dict, float]] = {}
 
 
-def run_setting(post, name: str, cfg: SamplerConfig, K: int, seed: int = 1, init=None):
-    """Time one sampler setting; returns (result, seconds, K-products, rank, iterations).
-
-    Every setting pays for its preconditioner (sketch and, for sgd, step size): built once per
-    (sampler, preconditioner settings) and its measured time added to each setting that uses it,
-    so that settings which differ only in their solve do not rebuild the same sketch (in 3D a
-    rank-2048 sketch costs minutes)."""
+def _clear(post) -> None:
     for key in [k for k in post.cache if k != "dense" and not (isinstance(k, tuple) and k[0] == "chol")]:
         del post.cache[key]
+
+
+def prepared(post, name: str, cfg: SamplerConfig):
+    """The sampler with its preconditioner ready and the seconds that preconditioner cost (built
+    once per (sampler, preconditioner settings), replayed from the cache afterwards)."""
+    _clear(post)
     sampler = make_sampler(name, cfg)
     pkey = (name, post.g, post.sigma2, *(getattr(cfg, k) for k in sampler.keys if k.startswith("precond")),
             *((cfg.power_iters, cfg.lr, cfg.lr_factor) if name == "sgd" else ()))
@@ -106,6 +106,17 @@ def run_setting(post, name: str, cfg: SamplerConfig, K: int, seed: int = 1, init
         t_prep = time.perf_counter() - t0
         _PREPARED[pkey] = ({k: v for k, v in post.cache.items() if k != "dense"
                             and not (isinstance(k, tuple) and k[0] == "chol")}, t_prep)
+    return sampler, t_prep
+
+
+def run_setting(post, name: str, cfg: SamplerConfig, K: int, seed: int = 1, init=None):
+    """Time one sampler setting; returns (result, seconds, K-products, rank, iterations).
+
+    Every setting pays for its preconditioner (sketch and, for sgd, step size): built once per
+    (sampler, preconditioner settings) and its measured time added to each setting that uses it,
+    so that settings which differ only in their solve do not rebuild the same sketch (in 3D a
+    rank-2048 sketch costs minutes)."""
+    sampler, t_prep = prepared(post, name, cfg)
     t0 = time.perf_counter()
     res = sampler.sample(post, K, seed=seed, keep_z=True, keep_warm=True, init=init)
     secs = t_prep + time.perf_counter() - t0
@@ -168,7 +179,8 @@ def bench_case(case: str, args) -> list[tuple]:
     else:
         ref_std, floor = None, 0.0  # the 3D reference is solved after the rows, from the block-cg 1e-3 row
     t0 = time.perf_counter()
-    kappa = make_sampler("cg", SamplerConfig(chains_per_batch=1)).condition_number(post)
+    cg, _ = prepared(post, "cg", SamplerConfig(chains_per_batch=1))  # the block-cg rows' preconditioner
+    kappa = cg.condition_number(post)
     kfloor = math.ceil(krylov_iterations(kappa, 1e-3))
     print(f"preconditioned dual κ (Lanczos, adaptive rank): {kappa:.3g}; Krylov floor at 1e-3: {kfloor} iterations "
           f"({time.perf_counter() - t0:.1f} s)")
