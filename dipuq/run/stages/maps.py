@@ -57,7 +57,7 @@ def missing_wedge_message(wedge_deg: float) -> str:
     """Why the error bars of a limited-angle scan are too narrow (the held-out angles cannot tell)."""
     return (f"no view measures a {wedge_deg:.0f}° wedge of ray directions (limited-angle scan): the held-out "
             "angles lie inside the measured range, so the calibrated error bars do not include the missing "
-            "wedge's error and are too narrow there (a 100° Shepp-Logan scan: 90 % intervals covered 0.72 of "
+            "wedge's error and are too narrow there (Shepp-Logan over a 100° arc: 90 % intervals covered 0.73-0.75 of "
             "the voxels)")
 
 
