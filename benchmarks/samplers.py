@@ -85,15 +85,16 @@ def fit_case(name: str, folder: str):
 _PREPARED: dict[tuple, tuple[dict, float]] = {}
 
 
-def _clear(post) -> None:
-    for key in [k for k in post.cache if k != "dense" and not (isinstance(k, tuple) and k[0] == "chol")]:
-        del post.cache[key]
+def _solver_entries(post) -> list:
+    """The posterior's cache keys a sampler's preparation made (not the exact sampler's dense set-up)."""
+    return [k for k in post.cache if k != "dense" and not (isinstance(k, tuple) and k[0] == "chol")]
 
 
 def prepared(post, name: str, cfg: SamplerConfig):
     """The sampler with its preconditioner ready and the seconds that preconditioner cost (built
     once per (sampler, preconditioner settings), replayed from the cache afterwards)."""
-    _clear(post)
+    for key in _solver_entries(post):
+        del post.cache[key]
     sampler = make_sampler(name, cfg)
     pkey = (name, post.g, post.sigma2, *(getattr(cfg, k) for k in sampler.keys if k.startswith("precond")),
             *((cfg.power_iters, cfg.lr, cfg.lr_factor) if name == "sgd" else ()))
@@ -104,8 +105,7 @@ def prepared(post, name: str, cfg: SamplerConfig):
         t0 = time.perf_counter()
         sampler.prepare(post)
         t_prep = time.perf_counter() - t0
-        _PREPARED[pkey] = ({k: v for k, v in post.cache.items() if k != "dense"
-                            and not (isinstance(k, tuple) and k[0] == "chol")}, t_prep)
+        _PREPARED[pkey] = ({k: post.cache[k] for k in _solver_entries(post)}, t_prep)
     return sampler, t_prep
 
 

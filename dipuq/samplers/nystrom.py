@@ -81,7 +81,7 @@ class NystromSketch:
         the eigendecomposition of the small Gram matrix BᵀB = V S² Vᵀ (U = B V S⁻¹) instead of an SVD
         of the tall B: 2.5× faster at rank 1024 (the SVD was 15 % of the quick demo's sampling), and
         accurate because the shift bounds κ(BᵀB) ≤ (λ₁ + ν)/ν ≈ 1/(eps₃₂√n), far inside float64.
-        ||Y||₂ comes from power iteration on the r × r matrix YᵀY (an SVD of Y cost as much again).
+        ||Y||₂ comes from power iteration with Y (an SVD of Y cost as much again).
         """
         r = self.rank
         if r == 0:
@@ -108,13 +108,13 @@ class NystromSketch:
 
 
 def _spectral_norm(Y: torch.Tensor, iters: int = 30) -> float:
-    """||Y||₂ by power iteration on YᵀY (deterministic start; within a fraction of a per cent of
-    the largest singular value after 30 steps, enough for a stabilising shift)."""
-    G = Y.T @ Y
-    v = torch.ones(G.shape[0], dtype=G.dtype, device=G.device) / math.sqrt(G.shape[0])
+    """||Y||₂ by power iteration v ← Yᵀ(Y v) (deterministic start; within a fraction of a per cent
+    of the largest singular value after 30 steps, enough for a stabilising shift). Two products
+    with Y per step: 60·n·r flops, against n·r² for forming YᵀY."""
+    v = torch.ones(Y.shape[1], dtype=Y.dtype, device=Y.device) / math.sqrt(Y.shape[1])
     lam = 0.0
     for _ in range(iters):
-        Gv = G @ v
+        Gv = Y.T @ (Y @ v)
         lam = float(Gv.norm())
         if lam == 0.0:
             return 0.0
