@@ -241,6 +241,58 @@ def test_thread_governor_backs_off_when_steps_slow_down():
         torch.set_num_threads(n0)
 
 
+def test_thread_governor_takes_a_freed_core_back_and_keeps_off_a_busy_one():
+    from dipuq.threads import ThreadGovernor
+
+    t, pace = [0.0], {1: 0.03, 2: 0.02}  # step seconds per thread count: the second core is free
+    gov = ThreadGovernor(window=10, clock=lambda: t[0], ceiling=2, probe_every=50, probe_window=5)
+
+    def steps(k):
+        for _ in range(k):
+            t[0] += pace[torch.get_num_threads()]
+            gov()
+
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        steps(49)
+        assert torch.get_num_threads() == 1 and not gov.events  # no try before probe_every steps
+        steps(10)  # the first window to end after 50 steps starts a try; 0.02 < 0.03 / 1.2: kept
+        assert [e[:3] for e in gov.events] == [(51, 1, 2)] and torch.get_num_threads() == 2
+        steps(300)
+        assert torch.get_num_threads() == 2 and len(gov.events) == 1  # at the ceiling: no more tries
+
+        gov = ThreadGovernor(window=10, clock=lambda: t[0], ceiling=2, probe_every=50, probe_window=5)
+        torch.set_num_threads(1)
+        pace[2] = 0.12  # a neighbour holds the other core: two threads oversubscribe
+        steps(400)
+        tries = [e for e in gov.events if e[1:3] == (1, 2)]
+        backs = [e for e in gov.events if e[1:3] == (2, 1)]
+        assert torch.get_num_threads() == 1 and len(tries) == len(backs) >= 2
+        gaps = [b[0] - a[0] for a, b in zip(tries, tries[1:])]
+        assert all(g2 > g1 for g1, g2 in zip(gaps, gaps[1:]))  # each failed try doubles the wait
+        assert len(tries) * 5 < 0.1 * 400  # oversubscribed steps stay a small share
+    finally:
+        torch.set_num_threads(n0)
+
+
+def test_thread_governor_never_exceeds_the_callers_thread_count():
+    from dipuq.threads import ThreadGovernor, thread_ceiling
+
+    t = [0.0]
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert thread_ceiling() == 1  # configure() never ran in the tests: the caller's count
+        gov = ThreadGovernor(window=10, clock=lambda: t[0], probe_every=20)
+        for _ in range(200):
+            t[0] += 0.01
+            gov()
+        assert torch.get_num_threads() == 1 and not gov.events
+    finally:
+        torch.set_num_threads(n0)
+
+
 # -- the refit on every angle ------------------------------------------------------------------
 
 
