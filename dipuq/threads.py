@@ -29,25 +29,23 @@ __all__ = ["configure", "free_cores", "thread_ceiling", "ThreadGovernor"]
 _CEILING: int | None = None  # the most threads dipuq may use, set by configure()
 
 
+def _cores() -> int:
+    """Cores of this process's affinity set."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def free_cores() -> int:
     """Cores of this process's affinity set minus the whole cores the 1-minute load average says are
     busy (at least 1): a load of 0.5 left over from a finished job keeps both cores of two."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = _cores()
     try:
         busy = os.getloadavg()[0]
     except OSError:
         busy = 0.0
     return max(1, min(cores, cores - int(math.floor(busy))))
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def configure() -> int:
@@ -85,7 +83,8 @@ class ThreadGovernor:
     more and keeps it only when their median is ``gain`` × faster; a failed try doubles the wait
     before the next (oversubscription is the larger risk: a try on busy cores costs a few slow
     steps, halving in share each time). ``events`` records ``(step, threads_before,
-    threads_after, median_s)`` for every change, a probe's start and end included.
+    threads_after, median_s)`` for every change of count: a drop, a try's start and a failed
+    try's return (a kept try adds no event).
     """
 
     def __init__(self, window: int = 50, factor: float = 1.8, clock=time.perf_counter, log=None,
@@ -99,10 +98,14 @@ class ThreadGovernor:
         self._since = 0  # steps since the thread count last changed or a probe ended
         self._probe: tuple[int, float] | None = None  # (threads before the probe, their best median)
 
+    def _restart(self) -> None:
+        """Start timing afresh (the first step at a new count is not timed)."""
+        self._times, self._last, self._since = [], None, 0
+
     def _set(self, n_from: int, n_to: int, med: float) -> None:
         torch.set_num_threads(n_to)
         self.events.append((self._steps, n_from, n_to, med))
-        self._times, self._last, self._since = [], None, 0  # the first step at a new count is not timed
+        self._restart()
 
     def __call__(self, state=None) -> None:
         now = self.clock()
@@ -142,7 +145,7 @@ class ThreadGovernor:
         self._probe = None
         med = sorted(self._times)[len(self._times) // 2]
         if med * self.gain < best:
-            self._times, self._last, self._since = [], None, 0
+            self._restart()
             self._best, self._interval = med, self.probe_every
             if self.log is not None:
                 self.log(f"dipuq: steps sped up to {med * 1e3:.0f} ms (was {best * 1e3:.0f} ms) on one more thread: "
