@@ -18,13 +18,14 @@ while 1 thread stayed at 34 ms). Two measures:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 
 import torch
 
-__all__ = ["configure", "free_cores", "thread_ceiling", "ThreadGovernor"]
+__all__ = ["configure", "fixed", "free_cores", "thread_ceiling", "ThreadGovernor"]
 
 _CEILING: int | None = None  # the most threads dipuq may use, set by configure()
 
@@ -71,6 +72,21 @@ def thread_ceiling() -> int:
     (the ``dipuq`` command); where it never ran (dipuq used as a library, the tests), the
     count torch has now, so a caller's own choice is never exceeded."""
     return _CEILING if _CEILING is not None else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def fixed(n: int):
+    """Run the block on exactly ``n`` torch threads with the governor's ceiling at ``n`` too (the
+    experiments: a seed must give identical numbers), then restore both."""
+    global _CEILING
+    before = torch.get_num_threads(), _CEILING
+    torch.set_num_threads(n)
+    _CEILING = n
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        _CEILING = before[1]
 
 
 class ThreadGovernor:

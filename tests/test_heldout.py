@@ -293,6 +293,25 @@ def test_thread_governor_never_exceeds_the_callers_thread_count():
         torch.set_num_threads(n0)
 
 
+def test_fixed_threads_pin_the_governors_ceiling_and_restore_it(monkeypatch):
+    # the experiments fix torch's threads (a seed gives identical numbers): after the dipuq
+    # command's configure() set the ceiling to every core, a fixed block must still keep the
+    # governor from trying more threads than it was given
+    from dipuq import threads
+
+    monkeypatch.setattr(threads, "_CEILING", 2)
+    n0 = torch.get_num_threads()
+    with threads.fixed(1):
+        assert torch.get_num_threads() == 1 and threads.thread_ceiling() == 1
+        t = [0.0]
+        gov = threads.ThreadGovernor(window=10, clock=lambda: t[0], probe_every=20)
+        for _ in range(200):
+            t[0] += 0.01
+            gov()
+        assert torch.get_num_threads() == 1 and not gov.events
+    assert torch.get_num_threads() == n0 and threads.thread_ceiling() == 2
+
+
 # -- the refit on every angle ------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dipuq import __version__
+from dipuq import __version__, threads
 from dipuq._io import atomic_path, atomic_save_npy, atomic_write_json, atomic_write_text, to_jsonable
 from dipuq.data.scan import Scan
 from dipuq.errors import ConfigError, DipuqError, GPUUnavailableError
@@ -134,10 +134,8 @@ def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> Ex
     atomic_write_text(out / "experiment.toml", dumps_spec(spec))
     _write_json(out / "request.json", request)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(spec.experiment.threads)
     started, rows, computed = time.time(), [], 0
-    try:
+    with threads.fixed(spec.experiment.threads):  # the thread governor may not try more threads either
         for seed in range(seeds):
             for case in spec.cases:
                 scan = _case_scan(spec, case, seed, out, device, log)
@@ -149,8 +147,6 @@ def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> Ex
                     row, ran = _run_method(job, method, req if (m.bayes or m.reads_refit) else req_core)
                     rows.append(row)
                     computed += ran
-    finally:
-        torch.set_num_threads(threads)
 
     write_rows_csv(out / "results.csv", rows)
     table_rows = aggregate(rows)
