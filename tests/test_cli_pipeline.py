@@ -245,6 +245,22 @@ def test_resume_by_dependency(scan2d, tmp_path, monkeypatch, capsys):
     assert _stage_file(run, "dip", "dip.pt").read_bytes() != dip_pt
 
 
+def test_a_run_made_before_an_option_existed_recomputes_the_stages_reading_it(scan2d, tmp_path, capsys):
+    """A newer dipuq's option (default: perhaps new behaviour) that the run's config.toml lacks counts
+    as a change: the stages reading its section rerun instead of being trusted."""
+    run = tmp_path / "run"
+    base = ["reconstruct", str(scan2d), "--device", "cpu", "--out", str(run)]
+    assert main([*base, "--quiet", *_sets()]) == 0
+    cfg = run / "config.toml"
+    cfg.write_text("\n".join(line for line in cfg.read_text().splitlines() if not line.startswith("bootstrap ")) + "\n")
+    req = run / "stages" / "request.json"  # ... and its config digest was that of a config without the option
+    req.write_text(json.dumps({**json.loads(req.read_text()), "config": "0" * 16}))
+    capsys.readouterr()
+    assert main([*base, *_sets()]) == 0
+    err = capsys.readouterr().err
+    assert "calibration.bootstrap: (new option)" in err and "recomputing from 'calibrate'" in err
+
+
 def _interrupt(ctx, section):
     raise KeyboardInterrupt
 

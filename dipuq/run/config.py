@@ -57,6 +57,8 @@ __all__ = [
     "CalibrationConfig",
     "OutputConfig",
     "load_config",
+    "config_file_keys",
+    "flat_config",
     "save_config",
     "parse_override",
     "apply_overrides",
@@ -144,9 +146,11 @@ class CalibrationConfig:
     """Calibration of the error bars on the held-out projections (needs data.holdout > 0)."""
 
     enabled: bool = option(True, "fit the variance model on the held-out projections (false: the raw linearised-posterior std)")
-    terms: Literal["auto", "scale", "scale+prior"] = option("auto", "variance model: c·Σ_post ('scale'), c·Σ_post + b·Σ_prior ('scale+prior', a model-error term shaped by the prior), or the one with the higher cross-validated held-out log-likelihood ('auto')")
+    terms: Literal["auto", "scale", "scale+prior", "scale+boot", "scale+prior+boot"] = option("auto", "variance model: c·Σ_post ('scale'), + b·Σ_prior ('+prior', a model-error term shaped by the prior), + w·V_boot ('+boot', the equivariant bootstrap's simulated reconstruction error), or the one with the highest cross-validated held-out log-likelihood ('auto')")
     noise: Literal["fit", "posterior"] = option("fit", "σ² of the held-out rays: fitted with the other parameters ('fit') or the posterior's σ² ('posterior')")
-    tails: Literal["auto", "gaussian", "student"] = option("auto", "interval shape: Gaussian, Student-t with fitted degrees of freedom, or the better of the two by cross-validated held-out log-likelihood ('auto')")
+    tails: Literal["auto", "gaussian", "student"] = option("auto", "interval shape: Gaussian, Student-t with fitted degrees of freedom, or the better of the two by cross-validated held-out log-likelihood ('auto'); with a bootstrap term the image's shape comes from the bootstrap replicates")
+    bootstrap: int = option(32, "replicates of the equivariant bootstrap (TV reconstructions of the DIP image rotated by a fraction of the angular step, re-projected with noise) whose error variance is a candidate term of the variance model; 0 = off", ge=0)
+    bootstrap_iter: int = option(300, "PDHG iterations of each bootstrap TV reconstruction", ge=1)
 
 
 @dataclass
@@ -407,6 +411,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def config_file_keys(path: str | Path) -> set[str]:
+    """The ``section.key`` names a config file sets (without the defaults :func:`load_config` fills in)."""
+    return set(_flatten(_read_file(Path(path))))
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` of every option of ``config``."""
+    return _flatten(config_to_dict(config))
 
 
 def diff_configs(a: Config, b: Config) -> list[str]:

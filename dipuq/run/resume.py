@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dipuq.errors import ConfigError, DipuqError
-from dipuq.run.config import Config, diff_configs, load_config
+from dipuq.run.config import Config, config_file_keys, diff_configs, flat_config, load_config
 from dipuq.run.context import Stage
 from dipuq.run.rundir import RunDir
 
@@ -56,6 +56,14 @@ def first_affected(stages: Sequence[Stage], sections: set[str]) -> str:
     return stages[0].name
 
 
+def _new_options(run: RunDir, config: Config) -> list[str]:
+    """Options the run's config file lacks: a dipuq that did not have them made that run, so the
+    stages reading them (whose default may be new behaviour) are recomputed, not trusted. Options
+    set to None are never in the file (TOML has no null) and are not counted."""
+    old = config_file_keys(run.path(CONFIG_FILE))
+    return [f"{k}: (new option) -> {v!r}" for k, v in flat_config(config).items() if k not in old and v is not None]
+
+
 def plan_reuse(run: RunDir, stages: Sequence[Stage], request: dict, config: Config) -> Reuse:
     """Decide what of ``run`` a rerun of ``request`` may keep; refuse (one line) what it may not.
 
@@ -81,7 +89,7 @@ def plan_reuse(run: RunDir, stages: Sequence[Stage], request: dict, config: Conf
     if old.get("seed") != request["seed"]:
         why.append(f"seed {old.get('seed')} (now {request['seed']})")
     try:
-        changes = diff_configs(load_config(run.path(CONFIG_FILE)), config)
+        changes = diff_configs(load_config(run.path(CONFIG_FILE)), config) + _new_options(run, config)
     except DipuqError:
         changes = None
     if changes is None:
