@@ -60,6 +60,7 @@ METRIC_DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "calibration_fallback": ("calibration fallback", "why the uncalibrated posterior std was kept (the held-out angles disagreed about the scale)"),
     "calibration_scale": ("calibration scale c", "factor on the linearised posterior covariance (1 = the raw posterior was right)"),
     "calibration_df": ("interval degrees of freedom", "Student-t degrees of freedom of the error bars (None = Gaussian)"),
+    "calibration_boot_weight": ("bootstrap weight w", "weight of the equivariant bootstrap's simulated reconstruction error in the error bars (0 = not used)"),
     "heldout_log_likelihood_raw": ("held-out log-likelihood, raw", "mean log predictive density of the held-out rays under the raw posterior"),
     "heldout_log_likelihood_cv": ("held-out log-likelihood, calibrated", "the same under the calibrated model, each held-out angle predicted by parameters fitted on the others"),
     "heldout_coverage_90_raw": ("held-out coverage 90 %, raw", "fraction of held-out rays inside their raw 90 % predictive interval (ideal 0.90)"),

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from dipuq._io import atomic_save_npy, atomic_save_tiff, atomic_write_json
+from dipuq.dip.tv import choose_tv_weight
+from dipuq.maps.bootstrap import bootstrap_errors, image_df
 from dipuq.maps.calibration import HeldoutPredictive, VarianceModel, calibrate
 from dipuq.maps.metrics import psnr, ssim, uncertainty_metrics
 from dipuq.maps.uncertainty import UncertaintyMaps
@@ -22,24 +24,40 @@ __all__ = ["CALIBRATE", "MAPS", "METRICS", "calibrated_model"]
 
 
 def stage_calibrate(ctx: RunContext, cfg) -> dict:
-    """Fit the variance model of the error bars on the held-out projections (:mod:`dipuq.maps.calibration`)."""
+    """Fit the variance model of the error bars on the held-out projections (:mod:`dipuq.maps.calibration`),
+    with the equivariant bootstrap's model-error term (:mod:`dipuq.maps.bootstrap`) among its candidates."""
     A_H, y_H = ctx["A_H"], ctx["y_H"]
+    boot_path = ctx.path("calibrate", "bootstrap_var.npy")
     if not cfg.enabled or A_H is None:
         why = "calibration.enabled = false" if not cfg.enabled else "no held-out angles (data.holdout = 0)"
         out = {"enabled": False, "reason": why}
     else:
-        extra, post = ctx["extra_moments"], ctx["posterior"]
+        extra, post, dip = ctx["extra_moments"], ctx["posterior"], ctx["dip"]
         with torch.no_grad():
-            resid = (y_H - A_H(ctx["dip"].recon.to(A_H.dtype))).double().cpu().numpy()
+            resid = (y_H - A_H(dip.recon.to(A_H.dtype))).double().cpu().numpy()
         groups = np.broadcast_to(np.arange(A_H.range_shape[0]).reshape(-1, *([1] * (len(A_H.range_shape) - 1))),
                                  A_H.range_shape)
+        boot = _bootstrap(ctx, cfg) if cfg.bootstrap else None
         pred = HeldoutPredictive(resid, extra["heldout_post"].variance().cpu().numpy(),
-                                 extra["heldout_prior"].variance().cpu().numpy(), post.sigma2, groups)
+                                 extra["heldout_prior"].variance().cpu().numpy(), post.sigma2, groups,
+                                 None if boot is None else boot.heldout_variance.cpu().numpy())
         t0 = time.perf_counter()
         model, report = calibrate(pred, cfg.terms, cfg.noise, cfg.tails)
+        if model.boot_weight > 0:  # the image-space interval shape, from the bootstrap's own replicates
+            post_img = ctx["moments"].variance().reshape(boot.errors.shape[1:]).double()
+            prior_img = extra["prior"].variance().reshape(boot.errors.shape[1:]).double()
+            floor = model.image_variance(post_img, prior_img)
+            mask = torch.as_tensor(ctx["coverage"] >= FULL_COVERAGE).reshape(boot.errors.shape[1:])
+            model.image_df = image_df(boot.errors, model.boot_weight, floor, generator=ctx.gen("calibrate"), mask=mask)
+            report["parameters"] = model.to_dict()
         out = {"enabled": True, **report, "fit_seconds": time.perf_counter() - t0,
                "sigma2_source": "held-out fit" if cfg.noise == "fit" and report["model"] != "raw"
                else ctx["em"].get("sigma2_source")}
+        if boot is not None:
+            out["bootstrap"] = boot.summary()
+            if ctx.is_main:
+                atomic_save_npy(boot_path, boot.variance.cpu().numpy().astype(np.float32))
+            ctx["bootstrap_var"] = boot.variance
         if report["fallback"]:
             ctx.log(f"dipuq: warning: calibration: {report['fallback']}")
     wedge = ctx["scan"].geometry.missing_wedge_deg()
@@ -50,7 +68,30 @@ def stage_calibrate(ctx: RunContext, cfg) -> dict:
         atomic_write_json(ctx.path("calibrate", "calibration.json"), out)
     ctx["calibration"] = out
     keep = ("enabled", "reason", "model", "heldout_log_likelihood_raw", "heldout_log_likelihood_cv")
-    return {k: out[k] for k in keep if k in out} | ({"scale": out["parameters"]["scale"]} if out.get("enabled") else {})
+    summary = {k: out[k] for k in keep if k in out}
+    if out.get("enabled"):
+        summary |= {"scale": out["parameters"]["scale"], "boot_weight": out["parameters"].get("boot_weight", 0.0)}
+    return summary
+
+
+def _bootstrap(ctx: RunContext, cfg):
+    """The equivariant bootstrap of the DIP fit θ* (fit units) with the TV weight its input was made with."""
+    dip, A = ctx["dip"], ctx["A"]
+    if dip.tv:
+        lam = float(dip.tv["lam"])
+    else:  # a DIP without TV input or term: the held-out angles choose the weight here
+        lam = choose_tv_weight(A, ctx["y"], (ctx["A_H"], ctx["y_H"]), n_iter=cfg.bootstrap_iter,
+                               generator=ctx.gen("calibrate")).lam
+    bar = ctx.tqdm(total=cfg.bootstrap, desc="bootstrap", unit="replicate")
+    try:
+        boot = bootstrap_errors(A, ctx["A_H"], dip.recon.reshape(A.domain_shape), ctx["posterior"].sigma2, lam,
+                                cfg.bootstrap, generator=ctx.gen("calibrate"), tv_iter=cfg.bootstrap_iter,
+                                callback=lambda k: bar.update(1))
+    finally:
+        bar.close()
+    ctx.log(f"dipuq: equivariant bootstrap: {cfg.bootstrap} TV reconstructions of the rotated DIP image "
+            f"(weight {lam:g}) in {boot.seconds:.1f} s")
+    return boot
 
 
 def missing_wedge_message(wedge_deg: float) -> str:
@@ -79,8 +120,9 @@ def stage_maps(ctx: RunContext, cfg) -> dict:
             "norm": norm, "df": None, "calibrated": model is not None}
     if model is not None:
         prior = ctx["extra_moments"]["prior"].variance()
-        std = model.image_variance(raw_var, prior).clamp_min(0).sqrt() * norm
-        meta.update(df=model.df, calibration=model.to_dict())
+        boot = ctx["bootstrap_var"].reshape(raw_var.shape).to(raw_var) if model.boot_weight else None
+        std = model.image_variance(raw_var, prior, boot).clamp_min(0).sqrt() * norm
+        meta.update(df=model.voxel_df, calibration=model.to_dict())
     else:
         std = std_raw
     se = moments.std_se() * norm * (std / std_raw.clamp_min(1e-30))  # MC error of the raw std, carried by the model
@@ -137,7 +179,8 @@ def stage_metrics(ctx: RunContext, cfg) -> dict:
         if cal.get("fallback"):
             m["calibration_fallback"] = cal["fallback"]
         m.update({"calibration_model": cal["model"], "calibration_scale": cal["parameters"]["scale"],
-                  "calibration_df": cal["parameters"]["df"],
+                  "calibration_df": VarianceModel(**cal["parameters"]).voxel_df,
+                  "calibration_boot_weight": cal["parameters"].get("boot_weight", 0.0),
                   "heldout_log_likelihood_raw": cal["heldout_log_likelihood_raw"],
                   "heldout_log_likelihood_cv": cal["heldout_log_likelihood_cv"]})
         lv = cal["levels"]
@@ -159,6 +202,11 @@ def _load_calibration(ctx):
     return json.loads(ctx.path("calibrate", "calibration.json").read_text())
 
 
+def _load_bootstrap_var(ctx):
+    p = ctx.path("calibrate", "bootstrap_var.npy")
+    return torch.as_tensor(np.load(p), device=ctx.device) if p.exists() else None
+
+
 def _load_maps(ctx):
     return UncertaintyMaps.load(ctx.path("maps", "maps.npz"))
 
@@ -169,7 +217,7 @@ def _load_metrics(ctx):
 
 
 CALIBRATE = Stage("calibrate", "calibrate: fitting the error bars to the held-out projections", stage_calibrate,
-                  "calibration", outputs={"calibration": _load_calibration})
+                  "calibration", outputs={"calibration": _load_calibration, "bootstrap_var": _load_bootstrap_var})
 MAPS = Stage("maps", "maps: reconstruction and std volumes (NPY, TIFF)", stage_maps, "output",
              outputs={"maps": _load_maps})
 METRICS = Stage("metrics", "metrics: comparison with the reference", stage_metrics, "output",
