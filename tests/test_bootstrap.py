@@ -11,7 +11,7 @@ import torch
 from dipuq.data.phantoms import shepp_logan
 from dipuq.geometry import Geometry
 from dipuq.errors import DipuqError
-from dipuq.maps.bootstrap import bootstrap_errors, image_df, rotate, rotation_step
+from dipuq.maps.bootstrap import bootstrap_errors, image_df, rotate
 from dipuq.maps.calibration import HeldoutPredictive, calibrate
 from dipuq.operators.ray import RayTransform
 
@@ -38,13 +38,6 @@ def test_rotate_is_a_rotation_about_the_image_centre():
         rotate(torch.zeros(4), 0.1)
 
 
-def test_rotation_step():
-    assert rotation_step(np.linspace(0, np.pi, 20, endpoint=False)) == pytest.approx(np.pi / 20)
-    # held-out angles leave gaps: the typical step is still the scan's
-    a = np.delete(np.linspace(0, 2 * np.pi, 40, endpoint=False), [5, 17, 30])
-    assert rotation_step(a) == pytest.approx(2 * np.pi / 40)
-
-
 def test_bootstrap_sees_where_the_geometry_hides_content():
     x = torch.as_tensor(shepp_logan((32, 32)), dtype=torch.float32)
 
@@ -59,9 +52,11 @@ def test_bootstrap_sees_where_the_geometry_hides_content():
     # six views leave most of the content undetermined, sixty very little
     assert float(sparse.variance.mean()) > 3 * float(dense.variance.mean())  # measured 4.0×
     assert sparse.heldout_variance.shape == A_H.range_shape and sparse.errors.shape == (6, 32, 32)
-    # the views turn by less than one angular step, stratified
-    step = math.degrees(rotation_step(g.angles))
-    assert all(k * step / 6 <= a < (k + 1) * step / 6 for k, a in enumerate(sparse.angles_deg))
+    # the rotations are stratified over the circle; x ≥ 0 for this non-negative image
+    assert all(k * 60 <= a < (k + 1) * 60 for k, a in enumerate(sparse.angles_deg)) and sparse.nonneg
+    signed = bootstrap_errors(RayTransform(g, backend="astra-cpu"), None, x - 0.5,
+                              sigma2=1e-6, lam=1e-3, n=2, tv_iter=5, generator=torch.Generator().manual_seed(0))
+    assert not signed.nonneg and signed.heldout_variance is None
     again, _, _ = boot(6)
     torch.testing.assert_close(again.errors, sparse.errors)  # a fixed generator gives fixed replicates
 

@@ -7,8 +7,8 @@ reconstruction fills in from its prior and gets partly wrong. That error has a s
 on the image and on the geometry, and it can be simulated without ground truth (Tachella &
 Pereyra 2023, "Equivariant bootstrapping for uncertainty quantification in imaging inverse
 problems"): take the reconstruction x̂ as a stand-in truth, move it by a transformation g that the
-physics does not commute with (a rotation about the rotation axis by a fraction of the angular
-step, so the views sample the content at other directions), simulate the scan ``A g x̂ + ε``,
+physics does not commute with (a rotation about the rotation axis, so the views sample the
+content at other directions and the pixel grid cuts it elsewhere), simulate the scan ``A g x̂ + ε``,
 reconstruct, move back, and look at the error
 
     e_b = g_b⁻¹ [R(A g_b x̂ + ε_b) − g_b x̂],      ε_b ~ N(0, σ² I).
@@ -27,10 +27,19 @@ bootstrap variance ``mean_b e_b²`` is a model-error *shape*; how much of it the
 carries is left to the calibration (:mod:`dipuq.maps.calibration`), which weights it on the
 held-out projections, where the same replicates are seen through ``A_H``.
 
-Rotations by a fraction of the angular step, not by any angle: for equally spaced views over the
-full range, a rotation by φ and by φ mod Δ differ only by a relabelling of the views, so nothing is
-lost; for a limited-angle scan, it keeps the missing wedge where it is relative to the content
-instead of averaging it over every orientation.
+Choices, measured on 8 scans (128² Shepp–Logan at 20/60 views × 1/5 % noise, the real tooth at
+20/30 views, the PSI wood, a 100° limited-angle Shepp–Logan; seed 0; the held-out predictive
+log-likelihood decides between variants, the image-space numbers were only looked at):
+
+- TV with x ≥ 0 (unless x̂ is clearly signed, :data:`SIGNED`): without the constraint the TV
+  errors spread over the background as noise and Spearman(√V_boot, |error|) fell from 0.62–0.73
+  to 0.05–0.29 on Shepp–Logan; the held-out rays preferred the constraint on every scan but one
+  (the tooth at 30 views: a tie), although on the tooth at 20 views the unconstrained variant's
+  intervals happened to cover more (0.91 vs 0.76);
+- rotations spread evenly over the whole circle rather than over one angular step (for equally
+  spaced views those are the same to the geometry, but not to the pixel grid): Spearman 0.62 vs
+  0.61 and calibration error 0.04 vs 0.27 on Shepp–Logan at 20 views, higher held-out likelihood
+  on 4 of the 5 scans where they differed.
 
 The replicates also give the shape of the image-space error distribution: each replicate's error
 standardised by the variance of the other replicates (leave one out) follows, for Gaussian errors,
@@ -64,7 +73,13 @@ from scipy import optimize
 from dipuq.dip.tv import pdhg_norm, tv_pdhg
 from dipuq.errors import DipuqError
 
-__all__ = ["BootstrapErrors", "bootstrap_errors", "rotate", "rotation_step", "image_df"]
+__all__ = ["BootstrapErrors", "bootstrap_errors", "rotate", "image_df", "SIGNED"]
+
+
+#: x̂ counts as signed (the bootstrap's TV then drops x ≥ 0) when its 1 % quantile lies below
+#: −SIGNED × its 99 % quantile: a DIP image of a non-negative object has small negative noise in
+#: the background (1–5 % of the range on the phantoms and the tooth), not negative structure.
+SIGNED = 0.1
 
 
 @dataclass
@@ -92,16 +107,6 @@ class BootstrapErrors:
     def summary(self) -> dict:
         return {"replicates": len(self.angles_deg), "angles_deg": self.angles_deg, "nonneg": self.nonneg,
                 "seconds": self.seconds}
-
-
-def rotation_step(angles: np.ndarray) -> float:
-    """The typical angular step of a scan's view angles (radians): the median gap between sorted
-    distinct angles modulo 2π (2π / n when they cannot tell, e.g. one angle)."""
-    a = np.unique(np.mod(np.asarray(angles, dtype=np.float64), 2 * math.pi))
-    if a.size < 2:
-        return 2 * math.pi / max(a.size, 1)
-    gaps = np.diff(np.r_[a, a[0] + 2 * math.pi])
-    return float(np.median(gaps))
 
 
 def rotate(x: torch.Tensor, phi: float) -> torch.Tensor:
@@ -161,27 +166,26 @@ def image_df(errors: torch.Tensor, weight: float, floor: torch.Tensor | float = 
 
 def bootstrap_errors(A, A_H, x_hat: torch.Tensor, sigma2: float, lam: float, n: int, *,
                      generator: torch.Generator, tv_iter: int = 300, step: float | None = None,
-                     callback=None) -> BootstrapErrors:
+                     nonneg: bool | None = None, callback=None) -> BootstrapErrors:
     """The equivariant bootstrap of the module docstring with ``n`` replicates.
 
     A : forward operator of the fitted angles; A_H : of the held-out ones (or None)
     x_hat : the reconstruction in fit units, image shape; sigma2 : noise variance per measurement
     lam : TV weight of the reconstructor; tv_iter : its PDHG iterations (from zero, like the original)
-    step : the image is rotated by angles spread evenly over [0, step) radians (default: the
-        angular step of A's geometry, :func:`rotation_step`)
+    step : the image is rotated by angles spread evenly over [0, step) radians (default 2π)
+    nonneg : TV with x ≥ 0 (default: unless x̂ is clearly signed, its 1 % quantile below
+        −:data:`SIGNED` × its 99 % quantile)
     callback : called with the replicate index after each replicate (progress)
     """
     if n < 1:
         raise DipuqError(f"bootstrap replicates must be ≥ 1, got {n}")
     t0 = time.perf_counter()
     x = x_hat.detach().reshape(A.domain_shape).to(A.dtype)
-    if step is None:
-        geo = getattr(A, "geometry", None)
-        if geo is None:
-            raise DipuqError("bootstrap_errors: an operator without a geometry needs an explicit rotation step")
-        step = rotation_step(np.arange(geo.n_angles) * 2 * math.pi / geo.n_angles if geo.is_vector else geo.angles)
-    lo, hi = (float(q) for q in torch.quantile(x.flatten().double()[:2**24].cpu(), torch.tensor([0.01, 0.99], dtype=torch.float64)))
-    nonneg = lo >= -0.01 * max(abs(hi), 1e-30)  # TV's x ≥ 0 only where the image is non-negative
+    step = 2 * math.pi if step is None else float(step)
+    if nonneg is None:
+        lo, hi = (float(q) for q in torch.quantile(x.flatten().double()[:2**24].cpu(),
+                                                   torch.tensor([0.01, 0.99], dtype=torch.float64)))
+        nonneg = lo >= -SIGNED * max(abs(hi), 1e-30)
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     phis = [float((k + u[k]) / n * step) for k in range(n)]  # stratified over one angular step
     sd = math.sqrt(max(sigma2, 0.0))

@@ -149,7 +149,7 @@ class CalibrationConfig:
     terms: Literal["auto", "scale", "scale+prior", "scale+boot", "scale+prior+boot"] = option("auto", "variance model: c·Σ_post ('scale'), + b·Σ_prior ('+prior', a model-error term shaped by the prior), + w·V_boot ('+boot', the equivariant bootstrap's simulated reconstruction error), or the one with the highest cross-validated held-out log-likelihood ('auto')")
     noise: Literal["fit", "posterior"] = option("fit", "σ² of the held-out rays: fitted with the other parameters ('fit') or the posterior's σ² ('posterior')")
     tails: Literal["auto", "gaussian", "student"] = option("auto", "interval shape: Gaussian, Student-t with fitted degrees of freedom, or the better of the two by cross-validated held-out log-likelihood ('auto'); with a bootstrap term the image's shape comes from the bootstrap replicates")
-    bootstrap: int = option(32, "replicates of the equivariant bootstrap (TV reconstructions of the DIP image rotated by a fraction of the angular step, re-projected with noise) whose error variance is a candidate term of the variance model; 0 = off", ge=0)
+    bootstrap: int = option(32, "replicates of the equivariant bootstrap (TV reconstructions, x ≥ 0 unless the image is signed, of the DIP image rotated about the axis and re-projected with noise) whose error variance is a candidate term of the variance model; 0 = off", ge=0)
     bootstrap_iter: int = option(300, "PDHG iterations of each bootstrap TV reconstruction", ge=1)
 
 
