@@ -201,6 +201,13 @@ def test_run_resume_and_reproduce(exp_dir, tmp_path, capsys, monkeypatch):
                  "--set", "refit.steps=3"]) == 0
     assert sorted(calls) == ["bayes-cal", "bayes-cg", "bayes-sgd", "fixed-sigma", "oracle-sigma"]
     assert json.loads((inter / "seed0/a10/bayes-cal/stages/08_refit/refit.json").read_text())["steps"] == 3
+    # ... and of the [calibration] section the pipeline runs only (same folder, not "a different spec")
+    calls.clear()
+    assert main(["experiment", "run", "tiny", "--out", str(inter), "--seeds", "1", "--quiet",
+                 "--set", "refit.steps=3", "--set", "calibration.bootstrap=4"]) == 0
+    assert sorted(calls) == ["bayes-cal", "bayes-cg", "bayes-sgd"]
+    cal = json.loads((inter / "seed0/a10/bayes-cal/stages/07_calibrate/calibration.json").read_text())
+    assert cal["bootstrap"]["replicates"] == 4
 
 
 def test_bad_input_one_line_exit_2(exp_dir, tmp_path, capsys):

@@ -115,9 +115,10 @@ class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
     bayes: ClassVar[bool] = False  # a dipuq pipeline run: it writes its own recon.npy / std.npy
-    #: whether the result depends on the pipeline's ``[refit]`` section (pipeline runs, and the rows
-    #: that reuse their fit); the others are not recomputed when only that section changes
-    reads_refit: ClassVar[bool] = False
+    #: the per-method pipeline sections (``[refit]``, ``[calibration]``) the result depends on besides
+    #: the rest of the pipeline (pipeline runs read them all); a change in another one of them does
+    #: not recompute this method
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def run(self, job: Job) -> MethodResult:  # pragma: no cover
         raise NotImplementedError
@@ -301,7 +302,7 @@ class FixedSigma(Method):
 
     name = "fixed-sigma"
     label = "DIP + fixed σ"
-    reads_refit = True
+    reads = ("refit",)
 
     def constant(self, job: Job, dip: DipResult, recon: torch.Tensor) -> float:
         """The constant std of this fit."""

@@ -141,10 +141,10 @@ def _run_experiment(spec, out, seeds, force, progress, figures, log, dist) -> Ex
                 scan = _case_scan(spec, case, seed, out, device, log)
                 job = Job(spec, case, seed, scan, out / f"seed{seed}" / case.name, device, progress, log, dist)
                 req = provenance.request(scan, spec.pipeline, seed)
-                req_core = {**req, "config": _core_digest(spec.pipeline)}
                 for method in _ordered(spec.methods.run):
                     m = METHODS[method]
-                    row, ran = _run_method(job, method, req if (m.bayes or m.reads_refit) else req_core)
+                    row, ran = _run_method(job, method, req if m.bayes else
+                                           {**req, "config": _core_digest(spec.pipeline, keep=m.reads)})
                     rows.append(row)
                     computed += ran
 
@@ -213,16 +213,17 @@ def _run_method(job: Job, name: str, request: dict) -> tuple[dict, bool]:
     return row, True
 
 
-#: Pipeline sections that only some methods read (``Method.reads_refit``): a change there reruns
+#: Pipeline sections that only some methods read (``Method.reads``): a change there reruns
 #: those methods only, and does not make the folder "a different spec".
-_PER_METHOD_SECTIONS = ("refit",)
+_PER_METHOD_SECTIONS = ("refit", "calibration")
 
 
-def _core_digest(config) -> str:
-    """The pipeline config's digest without :data:`_PER_METHOD_SECTIONS`."""
+def _core_digest(config, keep: tuple[str, ...] = ()) -> str:
+    """The pipeline config's digest without the :data:`_PER_METHOD_SECTIONS` not in ``keep``."""
     d = config_to_dict(config)
     for k in _PER_METHOD_SECTIONS:
-        d.pop(k, None)
+        if k not in keep:
+            d.pop(k, None)
     return config_digest(d)
 
 

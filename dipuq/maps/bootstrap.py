@@ -72,6 +72,7 @@ from scipy import optimize
 
 from dipuq.dip.tv import pdhg_norm, tv_pdhg
 from dipuq.errors import DipuqError
+from dipuq.maps.calibration import NU_MAX, NU_MIN, log_density
 
 __all__ = ["BootstrapErrors", "bootstrap_errors", "rotate", "image_df", "SIGNED"]
 
@@ -137,8 +138,6 @@ def image_df(errors: torch.Tensor, weight: float, floor: torch.Tensor | float = 
     out of the mean, ``floor + weight · mean_{b'≠b} e_b'²``; the degrees of freedom are fitted by
     maximum likelihood, with a free scale, over the voxels of ``mask`` (default: all).
     """
-    from dipuq.maps.calibration import NU_MAX, NU_MIN, log_density  # the same stage's shape family
-
     e = errors.double()
     B = e.shape[0]
     if B < 3 or weight <= 0:
