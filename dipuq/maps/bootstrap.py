@@ -186,7 +186,7 @@ def bootstrap_errors(A, A_H, x_hat: torch.Tensor, sigma2: float, lam: float, n: 
                                                    torch.tensor([0.01, 0.99], dtype=torch.float64)))
         nonneg = lo >= -SIGNED * max(abs(hi), 1e-30)
     u = torch.rand(n, generator=generator, dtype=torch.float64)
-    phis = [float((k + u[k]) / n * step) for k in range(n)]  # stratified over one angular step
+    phis = [float((k + u[k]) / n * step) for k in range(n)]  # stratified over [0, step)
     sd = math.sqrt(max(sigma2, 0.0))
     L = pdhg_norm(A, generator)  # one operator for every replicate
     errors = []

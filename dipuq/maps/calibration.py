@@ -265,8 +265,7 @@ SHARE_MIN = 0.01
 
 
 def _image_share(model: VarianceModel, pred: HeldoutPredictive) -> float:
-    v = model.ray_variance(pred)
-    return float(np.mean(v - model.sigma2) / max(float(np.mean(v)), 1e-300))
+    return _level(model, pred) / max(float(np.mean(model.ray_variance(pred))), 1e-300)
 
 
 def _fold_spread(scales) -> float:

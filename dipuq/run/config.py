@@ -425,5 +425,5 @@ def flat_config(config: Config) -> dict[str, Any]:
 
 def diff_configs(a: Config, b: Config) -> list[str]:
     """Human-readable ``section.key: old -> new`` lines where ``a`` and ``b`` differ."""
-    fa, fb = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
+    fa, fb = flat_config(a), flat_config(b)
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]

@@ -22,12 +22,14 @@ from dipuq.run.stages.data import FULL_COVERAGE
 
 __all__ = ["CALIBRATE", "MAPS", "METRICS", "calibrated_model"]
 
+#: The bootstrap's image-space error variance, in the calibrate stage's folder (read by maps).
+BOOTSTRAP_FILE = "bootstrap_var.npy"
+
 
 def stage_calibrate(ctx: RunContext, cfg) -> dict:
     """Fit the variance model of the error bars on the held-out projections (:mod:`dipuq.maps.calibration`),
     with the equivariant bootstrap's model-error term (:mod:`dipuq.maps.bootstrap`) among its candidates."""
     A_H, y_H = ctx["A_H"], ctx["y_H"]
-    boot_path = ctx.path("calibrate", "bootstrap_var.npy")
     if not cfg.enabled or A_H is None:
         why = "calibration.enabled = false" if not cfg.enabled else "no held-out angles (data.holdout = 0)"
         out = {"enabled": False, "reason": why}
@@ -56,7 +58,7 @@ def stage_calibrate(ctx: RunContext, cfg) -> dict:
         if boot is not None:
             out["bootstrap"] = boot.summary()
             if ctx.is_main:
-                atomic_save_npy(boot_path, boot.variance.cpu().numpy().astype(np.float32))
+                atomic_save_npy(ctx.path("calibrate", BOOTSTRAP_FILE), boot.variance.cpu().numpy().astype(np.float32))
             ctx["bootstrap_var"] = boot.variance
         if report["fallback"]:
             ctx.log(f"dipuq: warning: calibration: {report['fallback']}")
@@ -203,7 +205,7 @@ def _load_calibration(ctx):
 
 
 def _load_bootstrap_var(ctx):
-    p = ctx.path("calibrate", "bootstrap_var.npy")
+    p = ctx.path("calibrate", BOOTSTRAP_FILE)
     return torch.as_tensor(np.load(p), device=ctx.device) if p.exists() else None
 
 
